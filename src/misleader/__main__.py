@@ -1,0 +1,3 @@
+from misleader.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,172 @@
+"""Batched image augmentation with kornia, on the tensors' own device.
+
+The *strong* pipeline is MISLEADER's simulated attacker query distribution P_g ("MISLEADER",
+arXiv 2506.02362; the attacker loader of the authors' code LabRAI/misleader, see
+``shared/research/misleader-code.md`` section 3), applied in this order:
+
+1. ``RandomResizedCrop(image_size, scale=(0.8, 1.0))`` (ratio 3/4 to 4/3, bilinear)
+2. ``RandomHorizontalFlip(p=0.5)`` (the reference applies it to MNIST too)
+3. ``ColorJitter(brightness=0.4, contrast=0.4, saturation=0.4)``, no hue
+4. ``RandomGrayscale(p=0.2)``
+5. ``RandomAffine(degrees=15, translate=(0.1, 0.1), scale=(0.9, 1.1))``
+
+The *weak* pipeline is the reference's clean CIFAR loader: ``RandomCrop(size, padding=4)`` with zero
+fill plus an optional horizontal flip.
+
+All pipelines take and return float (N, C, H, W) in [0, 1] with the same shape; normalisation is the
+model's first layer (DESIGN.md), so it is not part of augmentation.
+
+Deviations from the reference (torchvision on PIL images, one image at a time):
+
+- Batched float tensors instead of uint8 PIL images: no rounding to 8 bits between steps, and
+  resampling by kornia (bilinear crop-resize with ``align_corners=True``; no antialiasing, which
+  hardly matters for the mild 0.8-1.0 crops).
+- ColorJitter's random order of brightness / contrast / saturation is drawn once per batch, not
+  once per image (the factors are still drawn per image).
+- One-channel images (MNIST family): only brightness and contrast are jittered and the grayscale
+  step is skipped. This is what torchvision does on a PIL "L" image in effect (saturation and
+  grayscale are no-ops on a gray image).
+- ``RandomAffine`` uses nearest-neighbour resampling and zero fill, torchvision's defaults, and is
+  applied to every image (kornia's default ``p`` is 0.5; torchvision has no ``p``).
+- The output is clamped to [0, 1].
+
+Randomness: kornia draws its parameters from torch's *global* RNG (on the CPU, or on the module's
+device after ``module.to(device)``); it takes no ``torch.Generator``. Call :func:`augment` with a
+generator to get reproducible augmentations without disturbing the global RNG: it forks the global
+RNG state (CPU and the tensor's device), seeds it from the generator, and restores it afterwards.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import kornia.augmentation as K
+import torch
+from torch import nn
+
+from misleader.registry import Registry
+
+AUGMENTATIONS: Registry[nn.Module] = Registry("augmentation")
+
+
+class Pipeline(nn.Sequential):
+    """``nn.Sequential`` of kornia augmentations that checks its input and clamps its output to [0, 1]."""
+
+    def __init__(self, *modules: nn.Module, image_size: int | None, channels: int | None) -> None:
+        super().__init__(*modules)
+        self.image_size = image_size
+        self.channels = channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        if x.ndim != 4 or not x.is_floating_point():
+            raise ValueError(f"augmentation expects a float (N, C, H, W) tensor, got {x.dtype} {tuple(x.shape)}")
+        if self.channels is not None and x.shape[1] != self.channels:
+            raise ValueError(f"this augmentation was built for {self.channels} channel(s), got {x.shape[1]}")
+        if self.image_size is not None and tuple(x.shape[-2:]) != (self.image_size, self.image_size):
+            raise ValueError(
+                f"this augmentation was built for {self.image_size}x{self.image_size} images, "
+                f"got {x.shape[-2]}x{x.shape[-1]}"
+            )
+        if len(x) == 0:
+            return x
+        return super().forward(x).clamp_(0.0, 1.0)
+
+
+@AUGMENTATIONS.register("strong")
+def strong_augmentation(
+    *,
+    image_size: int = 32,
+    channels: int = 3,
+    crop_scale: Sequence[float] = (0.8, 1.0),
+    hflip: bool = True,
+    jitter: float = 0.4,
+    grayscale_p: float = 0.2,
+    degrees: float = 15,
+    translate: float = 0.1,
+    scale: Sequence[float] = (0.9, 1.1),
+) -> nn.Module:
+    """MISLEADER's strong augmentation (the simulated attacker query distribution), see the module doc.
+
+    Args:
+        image_size: height = width of the images (input and output).
+        channels: 1 (grayscale: brightness/contrast only, no grayscale step) or 3.
+        crop_scale: area fraction range of RandomResizedCrop.
+        hflip: random horizontal flip with p = 0.5.
+        jitter: brightness, contrast (and for 3 channels saturation) strength; 0 disables.
+        grayscale_p: probability of RandomGrayscale (3 channels only).
+        degrees: RandomAffine rotation range (+-degrees).
+        translate: RandomAffine translation as a fraction of the size.
+        scale: RandomAffine scale range.
+
+    Returns:
+        A module mapping float (N, C, H, W) in [0, 1] to the same shape, clamped to [0, 1].
+    """
+    if channels not in (1, 3):
+        raise ValueError(f"channels must be 1 or 3, got {channels}")
+    size = (image_size, image_size)
+    mods: list[nn.Module] = [K.RandomResizedCrop(size, scale=tuple(crop_scale), p=1.0)]
+    if hflip:
+        mods.append(K.RandomHorizontalFlip(p=0.5))
+    if jitter > 0:
+        # kornia's ColorJitter skips a step whose factors are all neutral, so saturation=0 is safe on 1 channel.
+        mods.append(K.ColorJitter(brightness=jitter, contrast=jitter, saturation=jitter if channels == 3 else 0.0,
+                                  hue=0.0, p=1.0))
+    if channels == 3 and grayscale_p > 0:
+        mods.append(K.RandomGrayscale(p=grayscale_p))
+    mods.append(K.RandomAffine(degrees=degrees, translate=(translate, translate), scale=tuple(scale),
+                               resample="nearest", padding_mode="zeros", p=1.0))
+    return Pipeline(*mods, image_size=image_size, channels=channels)
+
+
+@AUGMENTATIONS.register("weak")
+def weak_augmentation(*, image_size: int = 32, padding: int = 4, hflip: bool = True, **_: object) -> nn.Module:
+    """Random crop from the zero-padded image (torchvision's ``RandomCrop(size, padding)``) + optional flip.
+
+    Extra keyword arguments (such as ``channels``) are accepted and ignored, so every registered
+    augmentation can be built with the same keywords.
+    """
+    mods: list[nn.Module] = []
+    if padding > 0:
+        mods.append(K.RandomCrop((image_size, image_size), padding=padding, fill=0, padding_mode="constant", p=1.0))
+    if hflip:
+        mods.append(K.RandomHorizontalFlip(p=0.5))
+    return Pipeline(*mods, image_size=image_size, channels=None)
+
+
+@AUGMENTATIONS.register("none")
+def identity(**_: object) -> nn.Module:
+    """No augmentation (``nn.Identity``); keyword arguments are accepted and ignored."""
+    return nn.Identity()
+
+
+def _seed_device(device: torch.device, seed: int) -> None:
+    if device.type == "cuda":
+        with torch.cuda.device(device):
+            torch.cuda.manual_seed(seed)
+    elif device.type != "cpu":
+        mod = getattr(torch, device.type, None)
+        if mod is not None and hasattr(mod, "manual_seed"):
+            mod.manual_seed(seed)
+
+
+def augment(module: nn.Module, x: torch.Tensor, *, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Apply ``module`` to ``x``; with a ``generator``, reproducibly and without touching the global RNG.
+
+    kornia samples from torch's global RNG. Given a generator, this forks the global RNG state of the
+    CPU and of ``x``'s device, seeds both from one draw of ``generator``, applies the module and
+    restores the previous state, so the result depends only on the generator's state (and it
+    advances the generator by one draw). Without a generator the global RNG is used as is.
+    """
+    if generator is None:
+        return module(x)
+    seed = int(torch.randint(2**62, (1,), generator=generator, device=generator.device))
+    dev = x.device
+    if dev.type == "cpu":
+        ctx = torch.random.fork_rng(devices=[])
+    else:
+        index = dev.index if dev.index is not None else torch.get_device_module(dev.type).current_device()
+        ctx = torch.random.fork_rng(devices=[index], device_type=dev.type)
+    with ctx:
+        torch.random.default_generator.manual_seed(seed)
+        _seed_device(dev, seed)
+        return module(x)
