@@ -19,7 +19,7 @@ def add_parser(sub) -> None:  # noqa: ANN001
     p.add_argument("--arch", required=True, help="architecture, e.g. lenet5, resnet34_8x (see `misleader models`)")
     p.add_argument("--epochs", type=positive_int, required=True)
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--recipe", default=None, help="adam | sgd | sgd-cosine (default: adam for 1-channel data, sgd else)")
+    p.add_argument("--recipe", default=None, help="adam | mnist | sgd | sgd-cosine (default: mnist for 1-channel data, sgd else)")
     p.add_argument("--batch-size", type=positive_int, default=None)
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--no-amp", action="store_true", help="disable mixed precision on CUDA")

@@ -86,6 +86,7 @@ class Oracle(ABC):
             raise ValueError(f"query expects shape (N, {', '.join(map(str, self.input_shape))}), got {tuple(x.shape)}")
         if x.shape[0] == 0:
             raise ValueError("query expects at least one row, got an empty batch")
+        x = x.detach()
         if not torch.isfinite(x).all():
             raise ValueError("query input contains NaN or inf")
         lo, hi = float(x.min()), float(x.max())

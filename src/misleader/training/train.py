@@ -45,6 +45,7 @@ class Recipe:
     milestones: tuple[float, ...] = (0.4, 0.6)  # fractions of the epochs (step schedule)
     gamma: float = 0.1
     augment: str = "none"  # none | crop | crop_flip
+    crop_padding: int = 4
     grad_clip: float | None = None
     label_smoothing: float = 0.0
 
@@ -60,8 +61,14 @@ class Recipe:
         return asdict(self)
 
 
+#: the MNIST / Fashion-MNIST victim recipe: the reference's Adam 1e-3 with batch 128, a cosine schedule
+#: and +-2 px random crops (chosen on validation accuracy: 98.84% vs 98.48% for plain batch-256 Adam,
+#: LeNet5, 10 epochs on the 45k defender split)
+MNIST_RECIPE = Recipe(batch_size=128, augment="crop", crop_padding=2)
+
 RECIPES: dict[str, Recipe] = {
     "adam": Recipe(),
+    "mnist": MNIST_RECIPE,
     "sgd": Recipe(optimizer="sgd", lr=0.1, momentum=0.9, weight_decay=5e-4, batch_size=128, schedule="step",
                   augment="crop_flip"),
     "sgd-cosine": Recipe(optimizer="sgd", lr=0.1, momentum=0.9, weight_decay=5e-4, batch_size=128,
@@ -70,10 +77,10 @@ RECIPES: dict[str, Recipe] = {
 
 
 def default_recipe(dataset: str, in_channels: int) -> Recipe:
-    """``adam`` for 1-channel digit-like data (batch 64 on the tiny ``digits``), ``sgd`` otherwise."""
+    """``mnist`` for 1-channel data (plain Adam, batch 64, on the tiny ``digits``), ``sgd`` otherwise."""
     if dataset == "digits":
         return replace(RECIPES["adam"], batch_size=64)
-    return RECIPES["adam"] if in_channels == 1 else RECIPES["sgd"]
+    return MNIST_RECIPE if in_channels == 1 else RECIPES["sgd"]
 
 
 def make_optimizer(params, recipe: Recipe) -> torch.optim.Optimizer:
@@ -175,7 +182,7 @@ def train_classifier(
         total_loss, n_seen = 0.0, 0
         for xb, yb in loader:
             if recipe.augment != "none":
-                xb = crop_flip(xb, flip=recipe.augment == "crop_flip", generator=generator)
+                xb = crop_flip(xb, padding=recipe.crop_padding, flip=recipe.augment == "crop_flip", generator=generator)
             with autocast(device, amp):
                 loss = F.cross_entropy(model(xb), yb, label_smoothing=recipe.label_smoothing)
             opt.zero_grad(set_to_none=True)
