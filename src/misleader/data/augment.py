@@ -59,7 +59,9 @@ class Pipeline(nn.Sequential):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
         if x.ndim != 4 or not x.is_floating_point():
-            raise ValueError(f"augmentation expects a float (N, C, H, W) tensor, got {x.dtype} {tuple(x.shape)}")
+            raise ValueError(
+                f"augmentation expects a float (N, C, H, W) tensor, got {x.dtype} {tuple(x.shape)}"
+            )
         if self.channels is not None and x.shape[1] != self.channels:
             raise ValueError(f"this augmentation was built for {self.channels} channel(s), got {x.shape[1]}")
         if self.image_size is not None and tuple(x.shape[-2:]) != (self.image_size, self.image_size):
@@ -69,7 +71,7 @@ class Pipeline(nn.Sequential):
             )
         if len(x) == 0:
             return x
-        return super().forward(x).clamp_(0.0, 1.0)
+        return super().forward(x).clamp(0.0, 1.0)
 
 
 @AUGMENTATIONS.register("strong")
@@ -108,9 +110,9 @@ def strong_augmentation(
     if hflip:
         mods.append(K.RandomHorizontalFlip(p=0.5))
     if jitter > 0:
-        # kornia's ColorJitter skips a step whose factors are all neutral, so saturation=0 is safe on 1 channel.
-        mods.append(K.ColorJitter(brightness=jitter, contrast=jitter, saturation=jitter if channels == 3 else 0.0,
-                                  hue=0.0, p=1.0))
+        # kornia's ColorJitter skips a step whose factors are all neutral: saturation=0 is safe on 1 channel.
+        saturation = jitter if channels == 3 else 0.0
+        mods.append(K.ColorJitter(brightness=jitter, contrast=jitter, saturation=saturation, hue=0.0, p=1.0))
     if channels == 3 and grayscale_p > 0:
         mods.append(K.RandomGrayscale(p=grayscale_p))
     mods.append(K.RandomAffine(degrees=degrees, translate=(translate, translate), scale=tuple(scale),
@@ -119,7 +121,9 @@ def strong_augmentation(
 
 
 @AUGMENTATIONS.register("weak")
-def weak_augmentation(*, image_size: int = 32, padding: int = 4, hflip: bool = True, **_: object) -> nn.Module:
+def weak_augmentation(
+    *, image_size: int = 32, padding: int = 4, hflip: bool = True, **_: object
+) -> nn.Module:
     """Random crop from the zero-padded image (torchvision's ``RandomCrop(size, padding)``) + optional flip.
 
     Extra keyword arguments (such as ``channels``) are accepted and ignored, so every registered
@@ -127,7 +131,8 @@ def weak_augmentation(*, image_size: int = 32, padding: int = 4, hflip: bool = T
     """
     mods: list[nn.Module] = []
     if padding > 0:
-        mods.append(K.RandomCrop((image_size, image_size), padding=padding, fill=0, padding_mode="constant", p=1.0))
+        mods.append(K.RandomCrop((image_size, image_size), padding=padding, fill=0, padding_mode="constant",
+                                 p=1.0))
     if hflip:
         mods.append(K.RandomHorizontalFlip(p=0.5))
     return Pipeline(*mods, image_size=image_size, channels=None)

@@ -26,6 +26,8 @@ import gzip
 import logging
 import os
 import pickle
+import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -145,9 +147,14 @@ def _missing(name: str, root: Path, expected: str) -> MisleaderError:
 def read_idx(path: Path) -> np.ndarray:
     """Read an idx file (optionally gzipped) into a numpy array."""
     opener: Callable = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as fh:
-        data = fh.read()
-    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 8:
+    try:
+        with opener(path, "rb") as fh:
+            data = fh.read()
+    except (EOFError, OSError, zlib.error) as exc:  # truncated or corrupted gzip (BadGzipFile is an OSError)
+        raise MisleaderError(
+            f"cannot read {path} ({exc}; corrupted or truncated download?): delete it and download again"
+        ) from None
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 8 or len(data) < 4 + 4 * data[3]:
         raise MisleaderError(f"{path} is not a uint8 idx file (corrupted download?): delete it and download again")
     nd = data[3]
     dims = np.frombuffer(data, ">u4", count=nd, offset=4).astype(np.int64)
@@ -178,6 +185,13 @@ def _mnist_like(root: Path, *, folder: str, name: str, classes: list[str]) -> Da
         if path is None:
             raise _missing(name, root, f"{folder}/raw/{stem}.gz")
         arrays[key] = read_idx(path)
+    for part in ("train", "test"):
+        x, y = arrays[f"x_{part}"], arrays[f"y_{part}"]
+        if x.ndim != 3 or y.ndim != 1 or len(x) != len(y) or (len(y) and int(y.max()) >= len(classes)):
+            raise MisleaderError(
+                f"{raw}: {part} images {x.shape} and labels {y.shape} do not match "
+                "(mixed or corrupted files?): delete the folder and download it again"
+            )
     return Dataset(
         name=name,
         x_train=pad_to(_to_nchw_uint8(arrays["x_train"], layout="nhw"), 32),
@@ -202,12 +216,20 @@ def fashion_mnist(*, root: Path) -> Dataset:
     return _mnist_like(root, folder="FashionMNIST", name="fashion-mnist", classes=FASHION_CLASSES)
 
 
-def _unpickle(path: Path) -> dict:
+def _unpickle(path: Path, *keys: str) -> dict:
+    """Load a CIFAR pickle (latin1) and check that it holds ``keys``."""
     try:
         with open(path, "rb") as fh:
-            return pickle.load(fh, encoding="latin1")
-    except (pickle.UnpicklingError, EOFError, ValueError) as exc:
-        raise MisleaderError(f"{path} is corrupted ({exc}): delete it and download again") from None
+            d = pickle.load(fh, encoding="latin1")
+    except Exception as exc:  # noqa: BLE001 - a corrupted pickle can raise almost anything
+        raise MisleaderError(
+            f"{path} is corrupted ({type(exc).__name__}: {exc}): delete it and download again"
+        ) from None
+    if not isinstance(d, dict) or any(k not in d for k in keys):
+        raise MisleaderError(
+            f"{path} is not a CIFAR pickle holding {list(keys)} (wrong file?): delete it and download again"
+        )
+    return d
 
 
 def _cifar(root: Path, *, folder: str, name: str, train_files: list[str], test_file: str,
@@ -218,14 +240,14 @@ def _cifar(root: Path, *, folder: str, name: str, train_files: list[str], test_f
             raise _missing(name, root, f"{folder}/{f}")
     xs, ys = [], []
     for f in train_files:
-        d = _unpickle(base / f)
+        d = _unpickle(base / f, "data", label_key)
         xs.append(np.asarray(d["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
         ys.append(np.asarray(d[label_key], dtype=np.int64))
-    t = _unpickle(base / test_file)
+    t = _unpickle(base / test_file, "data", label_key)
     names: list[str] = []
     if (base / meta_file).exists():
-        names = [str(n) for n in _unpickle(base / meta_file)[names_key]]
-    k = int(max(int(np.max(y)) for y in ys)) + 1
+        names = [str(n) for n in _unpickle(base / meta_file, names_key)[names_key]]
+    k = max(len(names), int(max(int(np.max(y)) for y in ys + [np.asarray(t[label_key])])) + 1)
     return Dataset(
         name=name,
         x_train=torch.from_numpy(np.concatenate(xs)),
@@ -293,8 +315,10 @@ def digits(*, root: Path | None = None) -> Dataset:  # noqa: ARG001 - embedded, 
 
 def _images_from_array(a: np.ndarray, *, path: Path, key: str) -> torch.Tensor:
     if a.dtype != np.uint8:
-        if not np.issubdtype(a.dtype, np.floating) or a.min() < 0 or a.max() > 1:
-            raise MisleaderError(f"{path}: {key} must be uint8 or float in [0, 1], got {a.dtype}")
+        if (not np.issubdtype(a.dtype, np.floating) or a.size == 0 or not np.isfinite(a).all()
+                or a.min() < 0 or a.max() > 1):
+            span = f" in [{a.min()}, {a.max()}]" if a.size and np.issubdtype(a.dtype, np.number) else ""
+            raise MisleaderError(f"{path}: {key} must be uint8 or float in [0, 1], got {a.dtype}{span}")
         a = np.round(a * 255).astype(np.uint8)
     if a.ndim == 3:
         t = _to_nchw_uint8(a, layout="nhw")
@@ -308,20 +332,46 @@ def _images_from_array(a: np.ndarray, *, path: Path, key: str) -> torch.Tensor:
 
 
 def _load_npz(path: Path, *, name: str) -> Dataset:
-    if not path.exists():
+    if not path.is_file():
         raise MisleaderError(f"npz dataset {path} not found: give an existing file as npz:PATH "
                              "(arrays x_train y_train x_test y_test)")
     try:
         d = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as exc:
-        raise MisleaderError(f"cannot read {path} as .npz ({exc})") from None
-    missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in d.files]
-    if missing:
-        raise MisleaderError(f"{path} lacks arrays {missing}: an npz dataset needs x_train y_train x_test y_test")
-    ytr = torch.from_numpy(d["y_train"].astype(np.int64).reshape(-1))
-    yte = torch.from_numpy(d["y_test"].astype(np.int64).reshape(-1))
-    k = int(max(ytr.max(), yte.max())) + 1
-    names = [str(n) for n in d["label_names"]] if "label_names" in d.files else [str(i) for i in range(k)]
-    return Dataset(name=name, x_train=_images_from_array(d["x_train"], path=path, key="x_train"), y_train=ytr,
-                   x_test=_images_from_array(d["x_test"], path=path, key="x_test"), y_test=yte,
-                   num_classes=k, class_names=names)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        raise MisleaderError(f"cannot read {path} as .npz ({exc}): write it with numpy.savez") from None
+    if not isinstance(d, np.lib.npyio.NpzFile):
+        raise MisleaderError(f"{path} is a single .npy array, not an .npz archive: write it with "
+                             "numpy.savez(path, x_train=..., y_train=..., x_test=..., y_test=...)")
+    with d:
+        missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in d.files]
+        if missing:
+            raise MisleaderError(
+                f"{path} lacks arrays {missing}: an npz dataset needs x_train y_train x_test y_test"
+            )
+        try:
+            arrays = {k: d[k] for k in ("x_train", "y_train", "x_test", "y_test")}
+            names_arr = d["label_names"] if "label_names" in d.files else None
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
+            raise MisleaderError(f"{path} is corrupted ({exc}): write it again with numpy.savez") from None
+    ys = {}
+    for part in ("train", "test"):
+        y = arrays[f"y_{part}"].reshape(-1)
+        if len(y) == 0 or not np.issubdtype(y.dtype, np.integer) or y.min() < 0:
+            raise MisleaderError(f"{path}: y_{part} must be a non-empty array of integer labels >= 0, "
+                                 f"got {y.dtype} {arrays[f'y_{part}'].shape}")
+        if len(y) != len(arrays[f"x_{part}"]):
+            n_x = len(arrays[f"x_{part}"])
+            raise MisleaderError(f"{path}: x_{part} has {n_x} rows but y_{part} has {len(y)}")
+        ys[part] = torch.from_numpy(y.astype(np.int64))
+    xtr = _images_from_array(arrays["x_train"], path=path, key="x_train")
+    xte = _images_from_array(arrays["x_test"], path=path, key="x_test")
+    if xtr.shape[1:] != xte.shape[1:]:
+        raise MisleaderError(f"{path}: x_train images {tuple(xtr.shape[1:])} and x_test images "
+                             f"{tuple(xte.shape[1:])} differ in shape")
+    k = int(max(ys["train"].max(), ys["test"].max())) + 1
+    names = [str(n) for n in names_arr] if names_arr is not None else []
+    if names and len(names) < k:
+        raise MisleaderError(f"{path}: label_names has {len(names)} names but labels go up to {k - 1}")
+    k = max(k, len(names))
+    return Dataset(name=name, x_train=xtr, y_train=ys["train"], x_test=xte, y_test=ys["test"],
+                   num_classes=k, class_names=names or [str(i) for i in range(k)])

@@ -108,7 +108,8 @@ RESOURCES: dict[str, list[Resource]] = {
 }
 
 # Network failures turned into a MisleaderError (HTTPError is a URLError; socket.timeout is TimeoutError).
-_NETWORK_ERRORS = (urllib.error.URLError, TimeoutError, socket.timeout, ConnectionError, http.client.HTTPException)
+_NETWORK_ERRORS = (urllib.error.URLError, TimeoutError, socket.timeout, ConnectionError,
+                   http.client.HTTPException)
 
 
 def md5sum(path: str | os.PathLike, *, chunk_size: int = _CHUNK) -> str:
@@ -201,7 +202,8 @@ def _fetch(res: Resource, *, root: Path, mirror: str | None, timeout: float, pro
             if res.is_archive:
                 _extract(dest, root)
             return result
-        log.warning("%s from %s has md5 %s, expected %s; trying the next URL", res.filename, url, actual, res.md5)
+        log.warning("%s from %s has md5 %s, expected %s; trying the next URL",
+                    res.filename, url, actual, res.md5)
         md5_failures.append(f"{url} gave md5 {actual}")
 
     where = f"{folder}{os.sep}{res.filename}"
@@ -219,15 +221,21 @@ def _fetch(res: Resource, *, root: Path, mirror: str | None, timeout: float, pro
 
 
 def _join(mirror: str, filename: str) -> str:
-    return mirror if mirror.endswith(filename) else mirror.rstrip("/") + "/" + filename
+    return mirror.rstrip("/") + "/" + filename
 
 
 def _download(url: str, *, folder: Path, dest: Path, expected_md5: str, timeout: float,
               progress: bool) -> str | None:
-    """Fetch ``url`` into ``dest`` via a temporary file; None on success, else the wrong md5 (nothing kept)."""
+    """Fetch ``url`` into ``dest`` through a temporary file.
+
+    Returns None on success, else the wrong md5 (and nothing is kept).
+    """
     from tqdm.auto import tqdm
 
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=folder)
+    try:
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=folder)
+    except OSError as exc:
+        raise MisleaderError(f"cannot write into {folder} ({exc}): pass a writable --data-dir") from None
     tmp = Path(tmp_name)
     try:
         h = hashlib.md5(usedforsecurity=False)

@@ -24,7 +24,7 @@ class TensorLoader:
         y: int64 (N,) labels (or any (N, ...) tensor, e.g. soft labels).
         batch_size: rows per batch.
         shuffle: reshuffle at every ``iter()`` using ``generator``.
-        generator: a CPU ``torch.Generator`` for the permutations (seeded by the caller).
+        generator: a ``torch.Generator`` for the permutations (seeded by the caller; default seed 0).
         device: where batches live.
         drop_last: drop the final incomplete batch.
 
@@ -62,7 +62,7 @@ class TensorLoader:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         n = len(self.x)
         if self.shuffle:
-            order = torch.randperm(n, generator=self.generator).to(self.device)
+            order = torch.randperm(n, generator=self.generator, device=self.generator.device).to(self.device)
         else:
             order = None
         stop = (n // self.batch_size) * self.batch_size if self.drop_last else n

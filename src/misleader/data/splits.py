@@ -45,10 +45,18 @@ def make_splits(n: int, spec: SplitSpec = SplitSpec()) -> Splits:
 
     The permutation is independent of the run's seed so that every run on a dataset sees the same
     split unless the split seed is changed on purpose.
+
+    Raises:
+        ValueError: ``n`` is too small to leave at least one training row.
     """
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(10_007 + spec.seed))
     n_val = max(1, round(n * spec.val_fraction))
     n_att = round(n * spec.attacker_fraction)
+    if n_val + n_att >= n:
+        raise ValueError(
+            f"cannot split {n} rows into {n_val} validation + {n_att} attacker rows "
+            "and a non-empty training part"
+        )
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(10_007 + spec.seed))
     return Splits(
         val=perm[:n_val].sort().values,
         attacker=perm[n_val : n_val + n_att].sort().values,
