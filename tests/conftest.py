@@ -29,3 +29,18 @@ def seed() -> int:
     np.random.seed(0)
     torch.manual_seed(0)
     return 0
+
+
+@pytest.fixture(scope="session")
+def tiny_victim(tmp_path_factory) -> Path:
+    """A victim folder: lenet5_fifth trained 3 epochs on the embedded digits (about a second; seed 0)."""
+    from misleader.training.victim import train_victim
+
+    out = tmp_path_factory.mktemp("tiny_victim") / "victim"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny model: one thread is faster, above all on a shared machine
+    try:
+        train_victim(dataset="digits", arch="lenet5_fifth", epochs=3, out=out, device="cpu", seed=0)
+    finally:
+        torch.set_num_threads(threads)
+    return out

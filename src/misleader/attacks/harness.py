@@ -1,0 +1,229 @@
+"""Run an attack against a victim or defense folder and write an attack folder.
+
+:func:`run_attack` is the one entry point (the ``attack`` CLI and the experiment runner call it):
+
+1. open the target (:func:`misleader.oracle.load.describe_target`) and its dataset and split;
+2. compute the target's answers on the test set *once*, through an unbudgeted oracle that the
+   attacker never sees (harness-side evaluation, not counted against the budget);
+3. build the attacker's oracle (``load_oracle(target, output=..., budget=budget)``), the clone
+   (``create_model(clone_arch, ...)`` with mean/std 0.5: the attacker's own guess, it does not know the
+   victim's normalisation) and, for attacks with ``needs_pool``, the pool
+   (:func:`misleader.attacks.pools.load_pool`, handed over with ``attack.prepare(pool_x=, pool_y=)``);
+4. run the attack with an ``evaluate(clone)`` callback (test accuracy and fidelity, for the history
+   only) and check the accounting: ``oracle.queries_used <= budget`` and ``== result.queries_used``;
+5. write ``clone.safetensors`` + ``clone.json``, ``history.json`` and, last and atomically,
+   ``result.json``. A folder with a ``result.json`` is finished: calling again returns it.
+
+``result.json`` keys: ``clone_accuracy`` (the final clone), ``clone_accuracy_best`` (the best over the
+history's evaluations: test-set selection, for comparison with papers only), ``fidelity`` (top-1
+agreement of the final clone with the target on the test set), ``queries_used``, ``budget``,
+``target_test_accuracy`` (the target as the attacker sees it, e.g. the defended ensemble),
+``victim_test_accuracy`` (defense targets, when their manifest/result records it), ``seconds`` (the
+attack's wall time *without* the harness's evaluations), ``eval_seconds``, ``cpu_seconds`` (the
+process's CPU time in the attack, without evaluations: on a shared machine it is closer to the wall
+time the attack would take alone), ``threads``, ``attack``, ``labels``,
+``pool``, ``clone_arch``, ``target_kind``, ``options`` (the attack's full configuration), ``extra``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from misleader.attacks.base import ATTACKS, Attack
+from misleader.errors import MisleaderError
+from misleader.metrics import accuracy, fidelity
+from misleader.utils import environment, forked_rng, progress, read_json, resolve_device, seed_everything, write_json
+
+log = logging.getLogger(__name__)
+
+#: ``labels`` argument -> oracle output mode
+LABEL_MODES = {"soft": "probs", "hard": "labels"}
+
+
+def make_attack(name: str, options: dict[str, Any] | None = None) -> Attack:
+    """Instantiate a registered attack with constructor options; unknown options are a clear error."""
+    import misleader.attacks  # noqa: F401  (registers every attack module present)
+
+    cls = ATTACKS.get(name)
+    try:
+        return cls(**(options or {}))
+    except TypeError as exc:
+        import inspect
+
+        params = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+        raise MisleaderError(f"bad options for attack {name!r} ({exc}); it accepts: {', '.join(params)}") from None
+
+
+def run_attack(
+    name: str,
+    *,
+    target: str | Path,
+    budget: int,
+    clone_arch: str,
+    out: str | Path,
+    data_dir: str | Path | None = None,
+    seed: int = 0,
+    device: str = "auto",
+    labels: str = "soft",
+    pool: str | None = None,
+    options: dict | None = None,
+    eval_every: int | None = None,
+) -> dict:
+    """Attack ``target`` with ``name`` and write the attack folder ``out``.
+
+    Args:
+        name: registered attack (``knockoff``, ``dfme``, ``dfms-hl``).
+        target: victim folder (``model.json``) or defense folder (``manifest.json``).
+        budget: the most queries the attacker may make.
+        clone_arch: architecture of the clone (a registered model name).
+        out: output folder; if it already holds ``result.json`` that result is returned (no rerun).
+        data_dir: dataset root (default ``$MISLEADER_DATA`` or ``./data``).
+        seed: seeds everything (clone init, pool sampling, training order).
+        device: ``auto``, ``cpu`` or ``cuda``.
+        labels: ``soft`` (the oracle answers probabilities) or ``hard`` (top-1 labels only).
+        pool: attacker data for pool-based attacks (:func:`misleader.attacks.pools.load_pool` spec);
+            default: the attack's :meth:`~misleader.attacks.base.Attack.choose_pool`.
+        options: the attack's constructor keyword arguments (e.g. ``{"strategy": "adaptive"}``).
+        eval_every: evaluate the clone every this many queries (attacks that train while querying).
+
+    Returns:
+        The ``result.json`` dict.
+
+    Raises:
+        MisleaderError: unknown attack/architecture/options, labels mode the attack cannot use, missing data.
+    """
+    out = Path(out)
+    if (out / "result.json").exists():
+        log.info("%s already holds a finished attack; delete it to run again", out)
+        return read_json(out / "result.json")
+    from misleader.attacks.pools import load_pool
+    from misleader.models import MODELS, create_model
+    from misleader.oracle.load import describe_target, load_oracle
+    from misleader.training.checkpoint import save_model
+    from misleader.training.evaluate import predict_probs, query_all
+    from misleader.training.victim import load_target_data
+
+    if labels not in LABEL_MODES:
+        raise MisleaderError(f"labels must be soft or hard, got {labels!r}")
+    if budget < 1:
+        raise MisleaderError(f"budget must be >= 1, got {budget}")
+    attack = make_attack(name, options)
+    output = LABEL_MODES[labels]
+    if output not in attack.requires:
+        ok = " or ".join(k for k, v in LABEL_MODES.items() if v in attack.requires)
+        raise MisleaderError(f"attack {name!r} cannot work with {labels} labels: use --labels {ok}")
+    MODELS.get(clone_arch)  # fail fast on an unknown architecture
+    target = Path(target)
+    meta = describe_target(target)
+    if "dataset" not in meta:
+        raise MisleaderError(f"{target}: the folder's metadata names no dataset; re-create it with train-victim/defend")
+    dev = resolve_device(device)
+    gen = seed_everything(seed)
+    t_start = time.perf_counter()
+    data, splits = load_target_data(meta, data_dir=data_dir)
+    shape = [int(s) for s in meta["input_shape"]]
+    k = int(meta["num_classes"])
+
+    # the target's test-set answers, once, outside the attacker's budget
+    referee = load_oracle(target, output="probs", budget=None, device=dev)
+    target_pred = query_all(referee, data.x_test).argmax(1)
+    del referee
+    target_acc = accuracy(target_pred, data.y_test)
+    eval_seconds = eval_cpu = 0.0
+    x_test = data.x_test.to(dev)  # uint8, moved once (evaluations run on the device)
+
+    def evaluate(clone: torch.nn.Module) -> dict[str, float]:
+        nonlocal eval_seconds, eval_cpu
+        t0, c0 = time.perf_counter(), time.process_time()
+        pred = predict_probs(clone, x_test, device=dev).argmax(1)
+        res = {"clone_accuracy": accuracy(pred, data.y_test), "fidelity": fidelity(pred, target_pred)}
+        eval_seconds += time.perf_counter() - t0
+        eval_cpu += time.process_time() - c0
+        return res
+
+    pool_spec = None
+    if attack.needs_pool:
+        pool_spec = pool or attack.choose_pool(meta)
+        pool_x, pool_y = load_pool(pool_spec, target_meta=meta, data_dir=data_dir, target_data=(data, splits))
+        attack.prepare(pool_x=pool_x, pool_y=pool_y)
+    elif pool is not None:
+        log.warning("attack %s uses no pool; ignoring pool=%r", name, pool)
+
+    with forked_rng(gen, torch.device("cpu")):
+        clone = create_model(clone_arch, in_channels=shape[0], num_classes=k, mean=[0.5] * shape[0],
+                             std=[0.5] * shape[0])
+    oracle = load_oracle(target, output=output, budget=budget, device=dev)
+    bar = progress(total=budget, desc=f"{name} queries", unit="q")
+    oracle.on_query = bar.update
+    log.info("attack %s on %s (%s, %s labels), budget %d, clone %s", name, target, meta["kind"], labels, budget,
+             clone_arch)
+    cpu0 = time.process_time()
+    result = attack.run(oracle, budget=budget, clone=clone, generator=gen, device=dev, evaluate=evaluate,
+                        eval_every=eval_every)
+    cpu_seconds = time.process_time() - cpu0 - eval_cpu
+    bar.close()
+    if oracle.queries_used > budget or oracle.queries_used != result.queries_used:
+        raise RuntimeError(f"attack {name!r} broke the query accounting: oracle counted {oracle.queries_used}, "
+                           f"the attack reported {result.queries_used}, budget {budget}")
+    attack_seconds = result.seconds - eval_seconds
+
+    final = evaluate(result.clone)
+    history = list(result.history)
+    last = history[-1] if history else None
+    if last is None or (last.get("clone_accuracy"), last.get("fidelity")) != (final["clone_accuracy"], final["fidelity"]):
+        history.append({"queries": int(result.queries_used), **final, "final": True})
+    best = max(float(r["clone_accuracy"]) for r in history if "clone_accuracy" in r)
+
+    out.mkdir(parents=True, exist_ok=True)
+    save_model(result.clone, out, name="clone", meta={
+        "dataset": meta["dataset"], "num_classes": k, "input_shape": shape, "class_names": meta.get("class_names"),
+        "seed": seed, "split": meta.get("split"), "attack": name, "target": str(target),
+        "metrics": {"clone_accuracy": final["clone_accuracy"], "fidelity": final["fidelity"]},
+    })
+    write_json(out / "history.json", history)
+    res: dict[str, Any] = {
+        "clone_accuracy": final["clone_accuracy"],
+        "clone_accuracy_best": best,
+        "fidelity": final["fidelity"],
+        "queries_used": int(result.queries_used),
+        "budget": int(budget),
+        "target_test_accuracy": target_acc,
+        "seconds": attack_seconds,
+        "eval_seconds": eval_seconds,
+        "cpu_seconds": cpu_seconds,
+        "threads": torch.get_num_threads(),
+        "wall_seconds": time.perf_counter() - t_start,
+        "attack": name,
+        "labels": labels,
+        "pool": pool_spec,
+        "clone_arch": clone_arch,
+        "target": str(target),
+        "target_kind": meta["kind"],
+        "dataset": meta["dataset"],
+        "seed": seed,
+        "device": str(dev),
+        "options": attack.config(),
+        "extra": result.extra,
+        "notes": "clone_accuracy: final clone; clone_accuracy_best: best over evaluations (test-set selection, "
+                 "for comparison with papers only); seconds exclude the harness's evaluations",
+    }
+    if meta["kind"] == "defense":
+        res["defense"] = meta.get("defense")
+        vacc = meta.get("victim_test_accuracy")
+        if vacc is None and (target / "result.json").exists():
+            vacc = read_json(target / "result.json").get("victim_test_accuracy")
+        if vacc is not None:
+            res["victim_test_accuracy"] = float(vacc)
+    res["environment"] = environment()
+    write_json(out / "result.json", res)
+    log.info("%s: clone accuracy %.4f (best %.4f), fidelity %.4f, %d queries, %.1fs", name,
+             res["clone_accuracy"], best, res["fidelity"], res["queries_used"], attack_seconds)
+    return res
+
+
+__all__ = ["run_attack", "make_attack", "LABEL_MODES"]
