@@ -1,0 +1,141 @@
+"""Cost of one MISLEADER member step versus one plain knowledge-distillation step of the same member.
+
+Both steps do what :func:`misleader.defenses.misleader.train_member` does per batch: index the
+uint8 training tensor and convert to [0, 1]; get the victim's logits (``--teacher cached``: a
+lookup, as in the MNIST runs where the clean batches are not augmented; ``--teacher forward``: a
+forward pass of the victim, as with clean augmentation on CIFAR); then
+
+* plain KD (``lambda = 0``): one update of the member on the clean batch;
+* MISLEADER: the strong augmentation of a second batch, ``a_iter`` clone update(s), the defense
+  update with the attacker term (:meth:`MemberTrainer.step`).
+
+The two kinds of step alternate within each round (the order flips every round) so that load from
+other processes hits both alike; the ratio is of the medians. Variants: the default inner loop
+(``a_iter = 1``), ``a_iter = 5`` real steps, and the reference's literal accumulate-5 loop.
+
+Usage::
+
+    python bench/bench_misleader_step.py                      # lenet5 members, MNIST shapes, CPU, 1 thread
+    python bench/bench_misleader_step.py --arch resnet18_8x --teacher-arch resnet34_8x --channels 3 --device cuda
+
+Writes ``bench/results/misleader_step_<arch>_<device>.json`` (or ``--out``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from misleader.data.augment import augment, strong_augmentation
+from misleader.data.loader import to_unit
+from misleader.defenses.misleader import REFERENCE_INNER, MemberTrainer, member_config
+from misleader.models import create_model
+from misleader.utils import autocast, environment, resolve_device, write_json
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--arch", default="lenet5", help="member (and inner clone) architecture")
+    p.add_argument("--teacher-arch", default="lenet5", help="victim architecture (random weights: cost only)")
+    p.add_argument("--channels", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--rounds", type=int, default=40)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads on CPU (default 1)")
+    p.add_argument("--teacher", choices=["cached", "forward"], default="cached")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+
+    dev = resolve_device(args.device)
+    if dev.type == "cpu":
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    c, bs = args.channels, args.batch_size
+    n = bs * 8
+    data = (torch.rand(n, c, 32, 32) * 255).to(torch.uint8).to(dev)
+    labels = torch.randint(0, 10, (n,)).to(dev)
+    teacher = create_model(args.teacher_arch, in_channels=c, num_classes=10).to(dev).eval()
+    with torch.no_grad(), autocast(dev):
+        t_cache = torch.cat([teacher(to_unit(b)).float() for b in data.split(bs)])
+    strong = strong_augmentation(image_size=32, channels=c).to(dev)
+    g = torch.Generator().manual_seed(0)
+
+    variants = {"kd": {"lam": 0.0}, "misleader": {}, "misleader_a_iter5": {"a_iter": 5},
+                "misleader_reference_accumulate5": dict(REFERENCE_INNER)}
+    trainers = {}
+    for name, ov in variants.items():
+        cfg = member_config(args.arch, epochs=1, overrides={"batch_size": bs, **ov})
+        d = create_model(args.arch, in_channels=c, num_classes=10)
+        s = create_model(args.arch, in_channels=c, num_classes=10) if cfg.lam > 0 else None
+        trainers[name] = MemberTrainer(config=cfg, defense=d, clone=s, device=dev, total_steps=10**6)
+
+    def one_step(name: str, i: int) -> tuple[float, float]:
+        tr = trainers[name]
+        _sync(dev)
+        t0 = time.perf_counter()
+        idx = torch.randint(0, n, (bs,), generator=g).to(dev)
+        x, y = to_unit(data[idx]), labels[idx]
+        if args.teacher == "cached":
+            t_logits = t_cache[idx]
+        else:
+            with torch.no_grad(), autocast(dev):
+                t_logits = teacher(x).float()
+        x_aug = None
+        t_aug = 0.0
+        if tr.uses_clone:
+            ta = time.perf_counter()
+            aidx = torch.randint(0, n, (bs,), generator=g).to(dev)
+            x_aug = augment(strong, to_unit(data[aidx]), generator=g)
+            _sync(dev)
+            t_aug = time.perf_counter() - ta
+        tr.step(x, y, t_logits, x_aug)
+        _sync(dev)
+        return time.perf_counter() - t0, t_aug
+
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    aug_times: list[float] = []
+    names = list(variants)
+    for r in range(args.warmup + args.rounds):
+        order = names if r % 2 == 0 else names[::-1]
+        for name in order:
+            dt, ta = one_step(name, r)
+            if r >= args.warmup:
+                times[name].append(dt)
+                if name == "misleader":
+                    aug_times.append(ta)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    result = {
+        "benchmark": "misleader_step",
+        "command": "python " + " ".join(shlex.quote(a) for a in
+                                        [sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
+        "arch": args.arch, "teacher_arch": args.teacher_arch, "teacher": args.teacher, "batch_size": bs,
+        "channels": c, "device": str(dev), "threads": torch.get_num_threads(), "rounds": args.rounds,
+        "median_ms": {k: round(v * 1e3, 3) for k, v in med.items()},
+        "mean_ms": {k: round(statistics.fmean(v) * 1e3, 3) for k, v in times.items()},
+        "augmentation_median_ms": round(statistics.median(aug_times) * 1e3, 3),
+        "ratio_to_kd": {k: round(v / med["kd"], 3) for k, v in med.items() if k != "kd"},
+        "environment": environment(),
+    }
+    out = Path(args.out) if args.out else Path(__file__).resolve().parent / "results" / \
+        f"misleader_step_{args.arch}_{dev.type}_{args.teacher}.json"
+    write_json(out, result)
+    print(json.dumps({k: result[k] for k in ("median_ms", "augmentation_median_ms", "ratio_to_kd")}, indent=2))
+    print(f"wrote {out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
