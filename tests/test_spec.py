@@ -1,0 +1,215 @@
+"""Experiment specs: strict validation, expansion into stages, stable ids, the shipped presets."""
+
+from __future__ import annotations
+
+import copy
+import random
+from pathlib import Path
+
+import pytest
+import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from misleader.errors import MisleaderError
+from misleader.experiments.spec import expand, load_spec, parse_budget, parse_spec
+
+REPO = Path(__file__).resolve().parents[1]
+PRESETS = sorted((REPO / "experiments").glob("*.yaml"))
+
+
+def base() -> dict:
+    return {
+        "name": "t",
+        "dataset": "digits",
+        "victim": {"arch": "lenet5", "epochs": 2},
+        "defenses": ["undefended", {"name": "misleader", "members": ["lenet5", "lenet5_half"], "epochs": 1}],
+        "attacks": [
+            {"name": "knockoff", "labels": "soft", "pool": "attacker", "budgets": [50, "1k"]},
+            {"name": "knockoff", "labels": "hard", "pool": "attacker", "budgets": [50]},
+            {"name": "dfme", "budgets": ["10k"], "options": {"preset": "cpu"}},
+        ],
+        "clone_archs": ["lenet5", "lenet5_half"],
+        "seeds": [0, 1],
+    }
+
+
+def test_expansion_counts_and_order() -> None:
+    stages = expand(parse_spec(base()))
+    kinds = [s.stage for s in stages]
+    assert kinds == sorted(kinds, key=["victim", "defense", "attack"].index)  # parents first
+    assert kinds.count("victim") == 1 and kinds.count("defense") == 2
+    # (2 + 1 + 1 budgets) x 2 clones x 2 seeds x 2 defenses
+    assert kinds.count("attack") == 4 * 2 * 2 * 2
+    assert len({s.id for s in stages}) == len(stages)
+    ids = {s.id: s for s in stages}
+    for s in stages:
+        assert all(p in ids for p in s.parents)
+    undef = [s for s in stages if s.stage == "defense" and s.virtual]
+    assert len(undef) == 1 and undef[0].folder == ids[undef[0].parents[0]].folder  # the victim folder itself
+    trained = [s for s in stages if s.stage == "defense" and not s.virtual]
+    assert trained[0].folder.startswith("defenses/") and trained[0].meta["defense_arch"] == "lenet5+lenet5_half"
+    assert {s.meta["budget"] for s in stages if s.stage == "attack"} == {50, 1000, 10_000}
+
+
+def test_victim_seeds_multiply_victims_and_defenses() -> None:
+    spec = base() | {"victim_seeds": [0, 1, 2]}
+    stages = expand(parse_spec(spec))
+    assert sum(s.stage == "victim" for s in stages) == 3
+    assert sum(s.stage == "defense" and not s.virtual for s in stages) == 3
+    seeds = {s.config["seed"] for s in stages if s.stage == "defense" and not s.virtual}
+    assert seeds == {0, 1, 2}
+
+
+def _ids(spec: dict) -> list[str]:
+    return [s.id for s in expand(parse_spec(spec))]
+
+
+def _shuffled(obj, rng: random.Random):  # noqa: ANN001, ANN202
+    if isinstance(obj, dict):
+        items = list(obj.items())
+        rng.shuffle(items)
+        return {k: _shuffled(v, rng) for k, v in items}
+    if isinstance(obj, list):
+        return [_shuffled(v, rng) for v in obj]
+    return obj
+
+
+@settings(max_examples=15, deadline=None)
+@given(st.integers(0, 10_000))
+def test_ids_do_not_depend_on_key_order(seed: int) -> None:
+    spec = base()
+    assert _ids(_shuffled(copy.deepcopy(spec), random.Random(seed))) == _ids(spec)
+
+
+def test_ids_ignore_labels_devices_resources_but_not_settings() -> None:
+    ref = _ids(base())
+    cosmetic = base() | {"device": "cpu", "description": "x", "resources": {"attack": {"num_cpus": 2, "num_gpus": 1}}}
+    cosmetic["defenses"][1]["label"] = "renamed"
+    cosmetic["attacks"][0]["label"] = "renamed-attack"
+    assert _ids(cosmetic) == ref
+    # a change of what a stage computes changes its id and every descendant's, and nothing else
+    changed = base()
+    changed["defenses"][1]["epochs"] = 2
+    stages_ref = {s.id: s for s in expand(parse_spec(base()))}
+    stages_new = expand(parse_spec(changed))
+    for s in stages_new:
+        under_misleader = s.meta.get("defense") == "misleader"
+        assert (s.id in stages_ref) == (not under_misleader), s.id
+    changed = base()
+    changed["victim"]["epochs"] = 3
+    assert not set(_ids(changed)) & set(ref)  # everything hangs off the victim
+
+
+def test_readable_id_prefixes() -> None:
+    stages = expand(parse_spec(base()))
+    v = stages[0]
+    assert v.id.startswith("digits-lenet5-s0-") and v.folder == f"victims/{v.id}"
+    a = [s for s in stages if s.stage == "attack" and s.config["budget"] == 1000][0]
+    assert a.id.startswith("knockoff-soft-") and "-1k-" in a.id and a.folder == f"attacks/{a.id}"
+
+
+@pytest.mark.parametrize(
+    "mutate, match",
+    [
+        (lambda s: s.update(budget=[1]), r"unknown key 'budget' \(did you mean 'budgets'\?\)"),
+        (lambda s: s["victim"].update(epoch=3), r"victim: unknown key 'epoch' \(did you mean 'epochs'\?\)"),
+        (lambda s: s["defenses"][1].update(member=["lenet5"]), r"defenses\[1\]: unknown key 'member'"),
+        (lambda s: s["defenses"][1].update(name="misleeder"), r"unknown defense 'misleeder' \(did you mean 'misleader'"),
+        (lambda s: s["defenses"][1].pop("members"), r"defense 'misleader' needs members"),
+        (lambda s: s["attacks"][0].update(name="knockof"), r"unknown attack 'knockof' \(did you mean 'knockoff'"),
+        (lambda s: s["attacks"][0].update(labels="probs"), r"attacks\[0\].labels: must be one of soft, hard"),
+        (lambda s: s["attacks"][0].update(budgets=["lots"]), r"cannot read 'lots' as a query count"),
+        (lambda s: s["attacks"][0].update(budgets=[0]), r"budget must be >= 1"),
+        (lambda s: s["attacks"][0].update(optionz={}), r"attacks\[0\]: unknown key 'optionz'"),
+        (lambda s: s["attacks"][2].update(options={"preset": "cpu", "batchsize": 3}), r"attacks\[2\].options: .*batchsize"),
+        (lambda s: s.update(clone_archs=["resnet9000"]), r"clone_archs\[0\]: unknown architecture 'resnet9000'"),
+        (lambda s: s.update(dataset="mnits"), r"unknown dataset 'mnits' \(did you mean 'mnist'\?\)"),
+        (lambda s: s["victim"].update(epochs="ten"), r"victim.epochs: expected an integer"),
+        (lambda s: s.update(seeds=[0, 0]), r"seeds: has repeated values"),
+        (lambda s: s.update(resources={"attack": {"gpus": 1}}), r"resources.attack: unknown key 'gpus'"),
+        (lambda s: s["attacks"][1].update(labels="soft"), r"attack label 'knockoff' is already used"),
+        (lambda s: s.pop("victim"), r"missing required key 'victim'"),
+        (lambda s: s["victim"].update(split={"val_fraction": 0.5, "attacker_fraction": 0.45}), r"victim.split"),
+    ],
+)
+def test_invalid_specs_name_the_problem(mutate, match) -> None:  # noqa: ANN001
+    spec = base()
+    mutate(spec)
+    with pytest.raises(MisleaderError, match=match):
+        parse_spec(spec, source="spec.yaml")
+
+
+def test_identical_entries_are_refused() -> None:
+    spec = base()
+    spec["attacks"].append(dict(spec["attacks"][0], label="again"))
+    with pytest.raises(MisleaderError, match="describe the same run"):
+        expand(parse_spec(spec))
+
+
+def test_top_level_budgets_are_the_default() -> None:
+    spec = base()
+    del spec["attacks"][2]["budgets"]
+    with pytest.raises(MisleaderError, match="no query budget"):
+        parse_spec(spec)
+    spec["budgets"] = ["2M"]
+    p = parse_spec(spec)
+    assert p.attacks[2].budgets == (2_000_000,) and p.attacks[0].budgets == (50, 1000)
+
+
+@given(st.integers(1, 10**12))
+def test_parse_budget_roundtrip(n: int) -> None:
+    assert parse_budget(n) == n
+    assert parse_budget(str(n)) == n
+    assert parse_budget(f"{n}k") == n * 1000
+    assert parse_budget(f"{n}M") == n * 10**6
+
+
+def test_parse_budget_fractions() -> None:
+    assert parse_budget("1.5M") == 1_500_000
+    assert parse_budget("2e6") == 2_000_000
+    with pytest.raises(MisleaderError):
+        parse_budget("1.5")
+    with pytest.raises(MisleaderError):
+        parse_budget(True)
+
+
+def test_load_spec_errors(tmp_path: Path) -> None:
+    with pytest.raises(MisleaderError, match="not found"):
+        load_spec(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: [unclosed\n")
+    with pytest.raises(MisleaderError, match="not valid YAML"):
+        load_spec(bad)
+    bad.write_text("- a list\n")
+    with pytest.raises(MisleaderError, match="expected a mapping"):
+        load_spec(bad)
+
+
+@pytest.mark.parametrize("path", PRESETS, ids=[p.name for p in PRESETS])
+def test_presets_validate_and_expand(path: Path) -> None:
+    spec = load_spec(path)
+    stages = expand(spec)
+    assert stages and any(s.stage == "attack" for s in stages)
+    assert spec.name == path.stem
+
+
+def test_expected_presets_exist() -> None:
+    names = {p.stem for p in PRESETS}
+    assert {"demo", "mnist-cpu", "fashion-cpu", "cifar10-subset-cpu", "mnist-paper", "cifar10-paper",
+            "cifar100-paper"} <= names
+
+
+def test_demo_yaml_equals_embedded_demo_spec() -> None:
+    from misleader.experiments.demo import DEMO_SPEC
+
+    assert yaml.safe_load((REPO / "experiments" / "demo.yaml").read_text()) == DEMO_SPEC
+
+
+def test_data_dir_placeholder(tmp_path: Path) -> None:
+    from misleader.experiments.runner import expand_dataset
+
+    assert expand_dataset("npz:{data_dir}/sub/x.npz", str(tmp_path)) == f"npz:{tmp_path.resolve()}/sub/x.npz"
+    assert expand_dataset("mnist", str(tmp_path)) == "mnist"
+    spec = load_spec(REPO / "experiments" / "cifar10-subset-cpu.yaml")
+    assert "{data_dir}" in spec.dataset  # ids do not depend on where the data lives
