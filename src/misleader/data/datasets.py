@@ -233,7 +233,7 @@ def _unpickle(path: Path, *keys: str) -> dict:
 
 
 def _cifar(root: Path, *, folder: str, name: str, train_files: list[str], test_file: str,
-           label_key: str, meta_file: str, names_key: str) -> Dataset:
+           label_key: str, meta_file: str, names_key: str, num_classes: int) -> Dataset:
     base = root / folder
     for f in train_files + [test_file]:
         if not (base / f).exists():
@@ -247,7 +247,8 @@ def _cifar(root: Path, *, folder: str, name: str, train_files: list[str], test_f
     names: list[str] = []
     if (base / meta_file).exists():
         names = [str(n) for n in _unpickle(base / meta_file, names_key)[names_key]]
-    k = max(len(names), int(max(int(np.max(y)) for y in ys + [np.asarray(t[label_key])])) + 1)
+    # the class count is the dataset's, not the largest label seen (a partial copy may miss classes)
+    k = max(num_classes, len(names), int(max(int(np.max(y)) for y in ys + [np.asarray(t[label_key])])) + 1)
     return Dataset(
         name=name,
         x_train=torch.from_numpy(np.concatenate(xs)),
@@ -263,13 +264,13 @@ def _cifar(root: Path, *, folder: str, name: str, train_files: list[str], test_f
 def cifar10(*, root: Path) -> Dataset:
     return _cifar(root, folder="cifar-10-batches-py", name="cifar10",
                   train_files=[f"data_batch_{i}" for i in range(1, 6)], test_file="test_batch",
-                  label_key="labels", meta_file="batches.meta", names_key="label_names")
+                  label_key="labels", meta_file="batches.meta", names_key="label_names", num_classes=10)
 
 
 @DATASETS.register("cifar100")
 def cifar100(*, root: Path) -> Dataset:
     return _cifar(root, folder="cifar-100-python", name="cifar100", train_files=["train"], test_file="test",
-                  label_key="fine_labels", meta_file="meta", names_key="fine_label_names")
+                  label_key="fine_labels", meta_file="meta", names_key="fine_label_names", num_classes=100)
 
 
 @DATASETS.register("svhn")
