@@ -1,0 +1,284 @@
+"""DFME: logit recovery, the zeroth-order estimator, budget accounting, determinism."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from misleader.attacks import ATTACKS
+from misleader.attacks.dfme import DFME, PRESETS, estimate_gradient, recover_logits, unit_directions
+from misleader.errors import MisleaderError
+from misleader.oracle import ModelOracle
+
+torch.set_num_threads(1)
+
+SHAPE = (1, 8, 8)  # GeneratorA needs a side divisible by 4; tiny images keep the tests fast
+K = 5
+
+
+def tiny_net(seed: int, k: int = K) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Flatten(), nn.Linear(math.prod(SHAPE), 16), nn.ReLU(), nn.Linear(16, k))
+
+
+def tiny_oracle(budget: int | None, *, output: str = "probs", seed: int = 0) -> ModelOracle:
+    return ModelOracle(tiny_net(seed), num_classes=K, input_shape=SHAPE, output=output, budget=budget)
+
+
+TINY = DFME.tiny_options()
+
+
+# --------------------------------------------------------------------------- logit recovery
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    rows=st.integers(1, 6),
+    k=st.integers(2, 40),
+    scale=st.floats(0.1, 30.0),
+    zero_frac=st.floats(0.0, 0.9),
+    seed=st.integers(0, 2**16),
+)
+def test_recover_logits_with_zeros_is_finite_centred_and_exact_where_positive(rows, k, scale, zero_frac,
+                                                                             seed):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(rows, k, generator=g, dtype=torch.float64) * scale
+    p = torch.softmax(logits, dim=1)
+    # a defended / rounded API may return exact zeros: zero some entries (never a whole row)
+    zero = torch.rand(rows, k, generator=g) < zero_frac
+    zero[:, 0] = False
+    p = torch.where(zero, torch.zeros_like(p), p).float()
+    t = recover_logits(p)
+    assert torch.isfinite(t).all()
+    assert torch.allclose(t.double().mean(dim=1), torch.zeros(rows, dtype=torch.float64), atol=1e-3)
+    # where p > 0 (and representable), t - logits is one constant per row
+    pos = p > torch.finfo(torch.float32).tiny
+    diff = t.double() - logits
+    spread = diff.masked_fill(~pos, -math.inf).amax(1) - diff.masked_fill(~pos, math.inf).amin(1)
+    has = pos.sum(1) >= 1
+    assert (spread[has] < 1e-3 * (1 + scale)).all()
+
+
+def test_recover_logits_without_zeros_equals_centred_logits():
+    logits = torch.tensor([[2.0, -1.0, 0.5, 7.0], [0.0, 0.0, 0.0, 0.0]])
+    t = recover_logits(torch.softmax(logits, dim=1))
+    assert torch.allclose(t, logits - logits.mean(1, keepdim=True), atol=1e-5)
+
+
+def test_authors_variant_is_centred_probabilities():
+    p = torch.softmax(torch.randn(7, 10) * 5, dim=1)
+    t = recover_logits(p, method="authors_log_softmax")
+    assert torch.allclose(t, p - p.mean(1, keepdim=True), atol=1e-6)
+    # it squashes the target into [-1, 1] where the real logits span tens of nats
+    assert t.abs().max() <= 1.0
+    with pytest.raises(ValueError, match="logit_recovery"):
+        recover_logits(p, method="softmax")  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------- zeroth-order estimator
+
+
+def smooth_loss(w: torch.Tensor):
+    """Per-sample f(x) = sum(sin(w * x)) + 0.5 * |x|^2 / d and its analytic gradient."""
+
+    def f(x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(len(x), -1).double()
+        return (torch.sin(w * flat).sum(1) + 0.5 * flat.pow(2).sum(1) / flat.shape[1]).float()
+
+    def grad(x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(len(x), -1).double()
+        return (w * torch.cos(w * flat) + flat / flat.shape[1]).float().view_as(x)
+
+    return f, grad
+
+
+@pytest.mark.parametrize("shape,m", [((1, 4, 4), 1), ((1, 4, 4), 4), ((1, 32, 32), 1), ((3, 8, 8), 2)])
+def test_estimate_gradient_points_along_the_true_gradient(shape, m):
+    g = torch.Generator().manual_seed(1)
+    n = 256
+    d = math.prod(shape)
+    w = torch.rand(d, generator=g, dtype=torch.float64) * 2
+    f, true_grad = smooth_loss(w)
+    x = torch.randn(n, *shape, generator=g)
+    calls = []
+
+    def loss_fn(points):
+        calls.append(points.shape)
+        return f(points)
+
+    est, loss_at_x = estimate_gradient(loss_fn, x, m=m, epsilon=1e-3, generator=g)
+    assert calls == [(n * (m + 1), *shape)]  # one batched call with all probes
+    assert est.shape == x.shape and torch.allclose(loss_at_x, f(x))
+    cos = F.cosine_similarity(est.reshape(n, -1), true_grad(x).reshape(n, -1), dim=1)
+    # forward differences along unit directions: E|cos| ~ sqrt(2 m / (pi d)), and cos >= 0 up to O(eps)
+    expected = min(1.0, math.sqrt(2 * m / (math.pi * d)))
+    assert cos.mean() > 0.5 * expected
+    assert (cos > -0.05).all()
+
+
+def test_estimate_gradient_is_unbiased_with_many_directions():
+    g = torch.Generator().manual_seed(2)
+    shape, n = (1, 4, 4), 8
+    w = torch.rand(16, generator=g, dtype=torch.float64) * 2
+    f, true_grad = smooth_loss(w)
+    x = torch.randn(n, *shape, generator=g)
+    est, _ = estimate_gradient(f, x, m=20_000, epsilon=1e-3, generator=g)
+    tg = true_grad(x).reshape(n, -1)
+    cos = F.cosine_similarity(est.reshape(n, -1), tg, dim=1)
+    assert cos.min() > 0.95
+    ratio = est.reshape(n, -1).norm(dim=1) / tg.norm(dim=1)
+    assert ((ratio > 0.85) & (ratio < 1.15)).all()  # the d / epsilon scale is right
+
+
+def test_estimate_gradient_of_a_linear_function_is_exact_in_expectation_and_validates():
+    g = torch.Generator().manual_seed(3)
+    a = torch.randn(1, 2, 3, 3, generator=g)
+    x = torch.randn(4, 2, 3, 3, generator=g)
+    est, _ = estimate_gradient(lambda p: (p * a).flatten(1).sum(1), x, m=30_000, epsilon=0.5, generator=g)
+    assert torch.allclose(est, a.expand_as(x), atol=0.1)
+    with pytest.raises(ValueError):
+        estimate_gradient(lambda p: p.sum(), x, m=1, epsilon=1e-3, generator=g)  # wrong loss shape
+    with pytest.raises(ValueError):
+        estimate_gradient(lambda p: p.flatten(1).sum(1), x, m=0, epsilon=1e-3, generator=g)
+    with pytest.raises(ValueError):
+        estimate_gradient(lambda p: p.flatten(1).sum(1), x, m=1, epsilon=0.0, generator=g)
+
+
+def test_unit_directions_have_unit_norm():
+    u = unit_directions(5, 3, (2, 4, 4), generator=torch.Generator().manual_seed(0))
+    assert u.shape == (5, 3, 2, 4, 4)
+    assert torch.allclose(u.flatten(2).norm(dim=2), torch.ones(5, 3), atol=1e-5)
+
+
+# --------------------------------------------------------------------------- the attack
+
+
+def test_registered_with_presets():
+    assert "dfme" in ATTACKS
+    assert PRESETS["paper"].cost_per_iteration == 1792  # batch 256 * (1 * (1 + 1) + 5)
+    assert DFME(preset="cpu").cost_per_iteration == 896
+    authors = DFME(preset="misleader-authors")
+    assert authors.logit_recovery == "authors_log_softmax" and authors.batch_size == 2048
+    assert DFME(logit_recovery="authors_log_softmax").config()["logit_recovery"] == "authors_log_softmax"
+    with pytest.raises(MisleaderError, match="preset"):
+        DFME(preset="gpu-huge")
+    with pytest.raises(MisleaderError, match="unknown dfme option"):
+        DFME(grad_mm=2)
+    with pytest.raises(MisleaderError, match="logit_recovery"):
+        DFME(logit_recovery="softmax")
+
+
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    batch=st.integers(1, 5),
+    m=st.integers(1, 3),
+    g_iter=st.integers(1, 2),
+    d_iter=st.integers(0, 3),
+    budget=st.integers(1, 300),
+)
+def test_budget_exactness(batch, m, g_iter, d_iter, budget):
+    attack = DFME(**{**TINY, "batch_size": batch}, grad_m=m, g_iter=g_iter, d_iter=d_iter)
+    cost = batch * (g_iter * (m + 1) + d_iter)
+    assert attack.cost_per_iteration == cost
+    oracle = tiny_oracle(budget)  # the oracle itself refuses anything beyond the budget
+    if budget < cost:
+        with pytest.raises(MisleaderError, match="at least"):
+            attack.run(oracle, budget=budget, clone=tiny_net(1), generator=torch.Generator().manual_seed(0))
+        assert oracle.queries_used == 0
+        return
+    res = attack.run(oracle, budget=budget, clone=tiny_net(1), generator=torch.Generator().manual_seed(0))
+    iterations = budget // cost
+    assert res.queries_used == oracle.queries_used == cost * iterations <= budget
+    assert res.extra["iterations"] == iterations
+    assert res.extra["unused_queries"] == budget - cost * iterations < cost
+
+
+def test_needs_a_probability_oracle():
+    with pytest.raises(ValueError, match="probs"):
+        DFME(**TINY).run(tiny_oracle(1000, output="labels"), budget=1000, clone=tiny_net(1),
+                         generator=torch.Generator())
+
+
+def _run(seed: int, **kw):
+    oracle = tiny_oracle(600)
+    res = DFME(**TINY, **kw).run(oracle, budget=600, clone=tiny_net(1),
+                                 generator=torch.Generator().manual_seed(seed))
+    return res.clone.state_dict()
+
+
+def test_same_seed_same_clone_and_other_seed_differs():
+    a, b, c = _run(0), _run(0), _run(1)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], c[k]) for k in a)
+    d = _run(0, logit_recovery="authors_log_softmax")
+    assert any(not torch.equal(a[k], d[k]) for k in a)
+
+
+def test_history_from_the_evaluate_callback():
+    calls = []
+
+    def evaluate(clone):
+        calls.append(clone.training)
+        return {"clone_accuracy": 0.5, "fidelity": 0.25}
+
+    attack = DFME(**TINY)  # 28 queries per iteration
+    res = attack.run(tiny_oracle(1000), budget=1000, clone=tiny_net(1),
+                     generator=torch.Generator().manual_seed(0), evaluate=evaluate, eval_every=200)
+    qs = [r["queries"] for r in res.history]
+    assert qs == sorted(qs) and qs[-1] == res.queries_used == 35 * 28
+    assert len(qs) == len(calls) >= 4
+    assert all(r["clone_accuracy"] == 0.5 and r["fidelity"] == 0.25 for r in res.history)
+
+
+def test_clone_learns_the_victim():
+    """End to end on a tiny linear victim: fidelity on random images rises well above chance."""
+    torch.manual_seed(0)
+    victim = nn.Sequential(nn.Flatten(), nn.Linear(64, 3))
+    with torch.no_grad():
+        victim[1].weight.mul_(8)
+    oracle = ModelOracle(victim, num_classes=3, input_shape=SHAPE, budget=15_000)
+    torch.manual_seed(1)
+    clone = nn.Sequential(nn.Flatten(), nn.Linear(64, 3))
+    x = torch.rand(2000, *SHAPE)
+
+    def agree() -> float:
+        with torch.no_grad():
+            return float((clone(x).argmax(1) == victim(x).argmax(1)).float().mean())
+
+    before = agree()
+    res = DFME(preset="cpu", batch_size=32, nz=16, ngf=8).run(
+        oracle, budget=15_000, clone=clone, generator=torch.Generator().manual_seed(0))
+    after = agree()
+    assert res.queries_used == 15_000 // 224 * 224
+    assert before < 0.4 and after > 0.55  # measured: 0.21 -> 0.74
+
+
+class _RecordingOracle(ModelOracle):
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.inputs: list[torch.Tensor] = []
+
+    def query(self, x: torch.Tensor) -> torch.Tensor:
+        self.inputs.append(x.detach().clone())
+        return super().query(x)
+
+
+@pytest.mark.parametrize("center,scale", [(0.5, 0.5), (0.1, 0.275)])
+def test_image_space_of_the_queries(center, scale):
+    oracle = _RecordingOracle(tiny_net(0), num_classes=K, input_shape=SHAPE, budget=300)
+    DFME(**TINY, image_center=center, image_scale=scale).run(oracle, budget=300, clone=tiny_net(1),
+                                                             generator=torch.Generator().manual_seed(0))
+    x = torch.cat(oracle.inputs)
+    assert len(x) == oracle.queries_used
+    lo, hi = max(0.0, center - scale), min(1.0, center + scale)
+    assert x.min() >= lo - 1e-6 and x.max() <= hi + 1e-6
+    # GeneratorA's final BatchNorm(affine=False) centres the pre-tanh image: queries average near the centre
+    assert abs(float(x.mean()) - center) < 0.1
+    with pytest.raises(MisleaderError, match="image_scale"):
+        DFME(image_scale=0.0)
