@@ -241,6 +241,7 @@ def _assert_same_results(a: Path, b: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(600)  # ray.init + worker start-up is slow on a loaded 2-core machine
 def test_ray_executor_matches_local(local_run: Path, tmp_path: Path) -> None:
     ray = pytest.importorskip("ray", reason="ray is not installed (pip install 'misleader[ray]')")
     t0 = time.perf_counter()

@@ -34,7 +34,9 @@ generated in the victim's *normalised* space; setting ``image_center``/``image_s
 victim's normalisation mean/std reproduces exactly that (knowledge the reference assumed and a
 black-box attacker may or may not have, e.g. public dataset statistics). This matters: the final
 ``BatchNorm(affine=False)`` of GeneratorA centres the pre-tanh image, so with ``(x + 1) / 2`` every
-generated batch averages mid-grey, far from MNIST's black background.
+generated batch averages mid-grey, far from MNIST's black background. Measured with the ``cpu``
+preset at 500k queries against the MNIST LeNet5 victim (99.1%): 74.2% clone accuracy with
+``(x + 1) / 2``, 96.3% with ``image_center=0.1, image_scale=0.275`` (the victim's normalisation).
 
 Presets (:data:`PRESETS`): ``paper`` (the reference defaults), ``cpu`` (batch 128, ngf 32, generator
 lr 5e-4, milestones 50%/80%: the CPU-scale MNIST setting) and ``misleader-authors`` (the MISLEADER
@@ -50,9 +52,9 @@ Deviations from the reference code:
     * Learning-rate milestones are fractions of the *iterations* and take effect exactly there;
       the reference schedules per epoch of 50 iterations and steps its scheduler before each epoch
       (old PyTorch order), so each drop came one epoch early.
-    * All ``N * (m + 1)`` probe points are answered by one batched oracle call. The reference splits
-      them in chunks of ``N * m // 4992 + 1`` (counting only ``N * m`` points), which drops probes
-      when ``N * (m + 1)`` outgrows the chunks.
+    * All ``N * (m + 1)`` probe points are answered by one batched oracle call. The reference
+      evaluates them in ``N * m // 4992 + 1`` chunks of 4,992 (counting only ``N * m`` points), so
+      some probes are never evaluated (and the reshape fails) once ``N * (m + 1)`` exceeds them.
     * Random directions, latent codes and weight initialisation come from the ``torch.Generator``
       given to :meth:`DFME.run` (the reference uses unseeded ``np.random`` and a random seed).
     * No white-box diagnostics: the reference's ``--rec_grad_norm`` (on by default) back-propagates
