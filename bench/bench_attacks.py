@@ -31,7 +31,7 @@ CONFIGS: dict[str, dict] = {
     "knockoff-hard": {"attack": "knockoff", "budget": 5000, "labels": "hard", "options": {"epochs": 5},
                       "pool": "attacker"},
     "dfme": {"budget": 20_000, "labels": "soft", "options": {"preset": "cpu"}},
-    "dfms-hl": {"budget": 5_000, "labels": "hard", "options": {"preset": "cpu"}},
+    "dfms-hl": {"budget": 30_000, "labels": "hard", "options": {"preset": "cpu"}},
 }
 
 

@@ -131,11 +131,14 @@ class Oracle(ABC):
 class ModelOracle(Oracle):
     """An oracle over one classifier (``model(x) -> logits``), answering its softmax.
 
+    Answers are computed in float32 by default (``amp=False``): reduced-precision answers would swamp
+    the epsilon = 1e-3 finite differences of zeroth-order attacks such as DFME on a GPU.
+
     The module is held privately; it is put in eval mode and never handed out.
     """
 
     def __init__(self, model: nn.Module, *, num_classes: int, input_shape: Sequence[int],
-                 device: torch.device | str = "cpu", amp: bool = True, **kwargs) -> None:
+                 device: torch.device | str = "cpu", amp: bool = False, **kwargs) -> None:
         super().__init__(num_classes=num_classes, input_shape=input_shape, **kwargs)
         self.__device = torch.device(device)
         self.__model = model.to(self.__device).eval()
@@ -158,7 +161,7 @@ class EnsembleOracle(Oracle):
     """
 
     def __init__(self, members: Sequence[nn.Module], *, num_classes: int, input_shape: Sequence[int],
-                 weights: Sequence[float] | None = None, device: torch.device | str = "cpu", amp: bool = True,
+                 weights: Sequence[float] | None = None, device: torch.device | str = "cpu", amp: bool = False,
                  **kwargs) -> None:
         super().__init__(num_classes=num_classes, input_shape=input_shape, **kwargs)
         if not members:
