@@ -21,7 +21,7 @@ private attributes and stay out of :meth:`Attack.config`.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Callable, ClassVar
 
 import torch
@@ -137,6 +137,33 @@ class Attack(ABC):
 
 
 ATTACKS: Registry[Attack] = Registry("attack")
+
+
+def apply_preset(attack: Attack, *, presets: dict[str, Any], preset: str, overrides: dict[str, Any],
+                 casts: dict[str, Callable[[Any], Any]] | None = None) -> Any:
+    """Resolve ``presets[preset]`` (a frozen config dataclass) with ``overrides`` onto ``attack``.
+
+    Unknown presets or option names raise :class:`~misleader.errors.MisleaderError`; each field named in
+    ``casts`` that is overridden (and not None) becomes a tuple of ``casts[field]`` applied to its items
+    (YAML gives lists). The config's fields become attributes of ``attack`` (so :meth:`Attack.config`
+    lists them), ``attack.preset`` the preset name and ``attack._cfg`` the config. Returns the config.
+    """
+    if preset not in presets:
+        raise MisleaderError(f"unknown {attack.name} preset {preset!r}; choose one of: {', '.join(presets)}")
+    known = {f.name for f in fields(presets[preset])}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise MisleaderError(
+            f"unknown {attack.name} option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    for key, cast in (casts or {}).items():
+        if overrides.get(key) is not None:
+            overrides[key] = tuple(cast(v) for v in overrides[key])
+    cfg = replace(presets[preset], **overrides)
+    attack.preset = preset
+    for k, v in asdict(cfg).items():
+        setattr(attack, k, v)
+    attack._cfg = cfg
+    return cfg
 
 
 def register_attack(name: str):

@@ -74,14 +74,14 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import dataclass
 from typing import Any, Callable, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from misleader.attacks.base import Attack, AttackResult, Evaluator, register_attack
+from misleader.attacks.base import Attack, AttackResult, Evaluator, apply_preset, register_attack
 from misleader.errors import MisleaderError
 from misleader.models.generators import GeneratorA, tanh_to_unit
 from misleader.oracle import Oracle
@@ -290,20 +290,8 @@ class DFME(Attack):
     requires = frozenset({"probs"})
 
     def __init__(self, *, preset: str = "paper", **overrides: Any) -> None:
-        if preset not in PRESETS:
-            raise MisleaderError(f"unknown dfme preset {preset!r}; choose one of: {', '.join(PRESETS)}")
-        known = {f.name for f in fields(DFMEConfig)}
-        unknown = sorted(set(overrides) - known)
-        if unknown:
-            raise MisleaderError(
-                f"unknown dfme option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-        if "milestones" in overrides:
-            overrides["milestones"] = tuple(float(f) for f in overrides["milestones"])
-        cfg = replace(PRESETS[preset], **overrides)
-        self.preset = preset
-        for k, v in asdict(cfg).items():
-            setattr(self, k, v)
-        self._cfg = cfg
+        self._cfg = apply_preset(self, presets=PRESETS, preset=preset, overrides=overrides,
+                                 casts={"milestones": float})
 
     @classmethod
     def tiny_options(cls) -> dict[str, Any]:

@@ -74,14 +74,14 @@ import copy
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from misleader.attacks.base import Attack, AttackResult, Evaluator, register_attack
+from misleader.attacks.base import Attack, AttackResult, Evaluator, apply_preset, register_attack
 from misleader.data.loader import to_unit
 from misleader.errors import MisleaderError
 from misleader.models.generators import DCGANDiscriminator, DCGANGenerator, tanh_to_unit
@@ -275,22 +275,8 @@ class DFMSHL(Attack):
     needs_pool = True
 
     def __init__(self, *, preset: str = "paper", **overrides: Any) -> None:
-        if preset not in PRESETS:
-            raise MisleaderError(f"unknown dfms-hl preset {preset!r}; choose one of: {', '.join(PRESETS)}")
-        known = {f.name for f in fields(DFMSHLConfig)}
-        unknown = sorted(set(overrides) - known)
-        if unknown:
-            raise MisleaderError(
-                f"unknown dfms-hl option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-        if overrides.get("proxy_classes") is not None:
-            overrides["proxy_classes"] = tuple(int(c) for c in overrides["proxy_classes"])
-        if "ema_taus" in overrides:
-            overrides["ema_taus"] = tuple(float(t) for t in overrides["ema_taus"])
-        cfg = replace(PRESETS[preset], **overrides)
-        self.preset = preset
-        for k, v in asdict(cfg).items():
-            setattr(self, k, v)
-        self._cfg = cfg
+        self._cfg = apply_preset(self, presets=PRESETS, preset=preset, overrides=overrides,
+                                 casts={"proxy_classes": int, "ema_taus": float})
 
     @classmethod
     def tiny_options(cls) -> dict[str, Any]:
