@@ -159,14 +159,17 @@ def test_same_seed_same_clone_and_other_seed_differs():
 
 
 def test_history_and_evaluate_never_steer_the_attack():
-    def evaluate(clone):
-        return {"clone_accuracy": 0.1, "fidelity": 0.2}
+    rows = []
+
+    def evaluate(clone, *, queries, **fields):
+        rows.append({"queries": queries, **fields})
+        return {"clone_accuracy": 0.1}  # ignored
 
     res = attack().run(oracle(400), budget=400, clone=tiny_net(1), generator=torch.Generator().manual_seed(0),
                        evaluate=evaluate, eval_every=100)
-    assert res.history[0]["stage"] == "pretrain" and res.history[0]["queries"] == 32
-    assert res.history[-1]["queries"] == res.queries_used
-    qs = [r["queries"] for r in res.history]
+    assert rows[0]["stage"] == "pretrain" and rows[0]["queries"] == 32
+    assert rows[-1]["queries"] == res.queries_used
+    qs = [r["queries"] for r in rows]
     assert qs == sorted(qs) and len(qs) >= 4
     plain = attack().run(oracle(400), budget=400, clone=tiny_net(1),
                          generator=torch.Generator().manual_seed(0))

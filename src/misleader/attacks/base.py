@@ -31,8 +31,10 @@ from misleader.errors import MisleaderError
 from misleader.oracle import Oracle
 from misleader.registry import Registry
 
-#: ``evaluate(clone) -> {"clone_accuracy": float, "fidelity": float}`` supplied by the harness
-Evaluator = Callable[[nn.Module], dict[str, float]]
+#: ``evaluate(clone, *, queries=int, **fields) -> None`` supplied by the harness: it measures the clone
+#: on the test split and records a history row (``queries``, the attack's ``fields``, test accuracy,
+#: fidelity) that only the harness sees. It returns nothing, so an attack cannot steer by it.
+Evaluator = Callable[..., None]
 
 
 @dataclass

@@ -429,10 +429,9 @@ class DFME(Attack):
                 sched_c.step()
             sched_g.step()
             if evaluate is not None and (spent >= next_eval or it == iterations - 1):
-                row = {"queries": spent, **evaluate(clone), "iteration": it + 1, "loss_clone": loss_c,
-                       "loss_generator": loss_g}
-                history.append(row)
-                log.info("dfme %d/%d queries: %s", spent, budget, row)
+                row = {"iteration": it + 1, "loss_clone": loss_c, "loss_generator": loss_g}
+                evaluate(clone, queries=spent, **row)
+                log.debug("dfme %d/%d queries: %s", spent, budget, row)
                 while next_eval <= spent:
                     next_eval += eval_every
                 clone.train()

@@ -398,9 +398,9 @@ class DFMSHL(Attack):
             nonlocal next_eval
             if evaluate is None:
                 return
-            row = {"queries": spent, **evaluate(clone), "stage": stage, **extra}
-            history.append(row)
-            log.info("dfms-hl %d/%d queries: %s", spent, budget, row)
+            row = {"stage": stage, **extra}
+            evaluate(clone, queries=spent, **row)
+            log.debug("dfms-hl %d/%d queries: %s", spent, budget, row)
             while next_eval <= spent:
                 next_eval += eval_every
 
@@ -560,7 +560,7 @@ class DFMSHL(Attack):
         if selector is not None:
             selected = selector.load_best()
             if evaluate is not None:
-                history.append({"queries": spent, **evaluate(clone), "stage": "selected", **selected})
+                evaluate(clone, queries=spent, stage="selected", **selected)
         clone.eval()
         used = oracle.queries_used - start_used
         if used != spent or spent != n_pre + iterations * cfg.batch_size:

@@ -137,7 +137,9 @@ def run_attack(
     eval_seconds = eval_cpu = 0.0
     x_test = data.x_test.to(dev)  # uint8, moved once (evaluations run on the device)
 
-    def evaluate(clone: torch.nn.Module) -> dict[str, float]:
+    eval_rows: list[dict[str, Any]] = []
+
+    def measure(clone: torch.nn.Module) -> dict[str, float]:
         nonlocal eval_seconds, eval_cpu
         t0, c0 = time.perf_counter(), time.process_time()
         pred = predict_probs(clone, x_test, device=dev).argmax(1)
@@ -145,6 +147,12 @@ def run_attack(
         eval_seconds += time.perf_counter() - t0
         eval_cpu += time.process_time() - c0
         return res
+
+    def evaluate(clone: torch.nn.Module, *, queries: int, **fields: Any) -> None:
+        """The attack's log-only callback: the measurement goes to the harness's history, not back."""
+        row = {"queries": int(queries), **fields, **measure(clone)}
+        eval_rows.append(row)
+        log.info("%s %d/%d queries: %s", name, row["queries"], budget, row)
 
     pool_spec = None
     if attack.needs_pool:
@@ -172,8 +180,8 @@ def run_attack(
                            f"the attack reported {result.queries_used}, budget {budget}")
     attack_seconds = result.seconds - eval_seconds
 
-    final = evaluate(result.clone)
-    history = list(result.history)
+    final = measure(result.clone)
+    history = merge_history(result.history, eval_rows)
     last = history[-1] if history else None
     if last is None or (last.get("clone_accuracy"), last.get("fidelity")) != (final["clone_accuracy"], final["fidelity"]):
         history.append({"queries": int(result.queries_used), **final, "final": True})
@@ -226,4 +234,17 @@ def run_attack(
     return res
 
 
-__all__ = ["run_attack", "make_attack", "LABEL_MODES"]
+def merge_history(attack_rows: list[dict[str, Any]], eval_rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The attack's own rows and the harness's evaluation rows, in query order (stable; an evaluation row
+    follows the attack's rows at the same query count).
+
+    Example:
+        >>> merge_history([{"queries": 5, "loss": 1.0}], [{"queries": 5, "clone_accuracy": 0.5}, {"queries": 1}])
+        [{'queries': 1}, {'queries': 5, 'loss': 1.0}, {'queries': 5, 'clone_accuracy': 0.5}]
+    """
+    tagged = [(int(r.get("queries", 0)), 0, i, r) for i, r in enumerate(attack_rows)]
+    tagged += [(int(r.get("queries", 0)), 1, i, r) for i, r in enumerate(eval_rows)]
+    return [r for *_, r in sorted(tagged, key=lambda t: t[:3])]
+
+
+__all__ = ["run_attack", "make_attack", "merge_history", "LABEL_MODES"]

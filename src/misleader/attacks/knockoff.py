@@ -313,9 +313,7 @@ class KnockoffNets(Attack):
 
         def record(queries: int, **info: Any) -> None:
             if evaluate is not None:
-                row = {"queries": int(queries), **info}
-                row.update(evaluate(clone))
-                history.append(row)
+                evaluate(clone, queries=int(queries), **info)
 
         extra: dict[str, Any] = {"strategy": self.strategy, "pool_size": int(len(pool_x))}
         if self.strategy == "random":

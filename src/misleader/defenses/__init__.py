@@ -14,22 +14,17 @@ import logging
 from pathlib import Path
 from typing import Any, Callable
 
-from misleader.registry import Registry
+from misleader.defenses.base import DEFENSES, DefenseSpec, register_defense
 
 log = logging.getLogger(__name__)
 
-#: name -> builder(**kwargs) -> result dict
-DEFENSES: Registry[dict] = Registry("defense")
 
-
-@DEFENSES.register("misleader")
 def _misleader(**kwargs: Any) -> dict[str, Any]:
     from misleader.defenses.misleader import defend_misleader
 
     return defend_misleader(**kwargs)
 
 
-@DEFENSES.register("undefended")
 def defend_undefended(*, victim: str | Path, out: str | Path | None = None, **_: Any) -> dict[str, Any]:
     """The undefended baseline: the victim itself.
 
@@ -63,6 +58,12 @@ def defend_undefended(*, victim: str | Path, out: str | Path | None = None, **_:
     return result
 
 
+register_defense(DefenseSpec(name="misleader", build=_misleader, paper="https://arxiv.org/abs/2506.02362",
+                             help="MISLEADER: ensemble of distilled members trained against an inner clone"))
+register_defense(DefenseSpec(name="undefended", build=defend_undefended,
+                             help="the victim itself, as a defense folder (baseline)"))
+
+
 def build_defense(name: str, **kwargs: Any) -> dict[str, Any]:
     """Run the defense builder ``name`` (see :data:`DEFENSES`) with keyword arguments."""
     builder: Callable[..., dict] = DEFENSES.get(name)
@@ -73,4 +74,4 @@ def list_defenses() -> list[str]:
     return DEFENSES.names()
 
 
-__all__ = ["DEFENSES", "build_defense", "defend_undefended", "list_defenses"]
+__all__ = ["DEFENSES", "DefenseSpec", "register_defense", "build_defense", "defend_undefended", "list_defenses"]
