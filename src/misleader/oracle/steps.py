@@ -90,6 +90,9 @@ class Step(ABC):
     stochastic: ClassVar[bool] = False
     preserves_argmax: ClassVar[bool] = False
     l1_bound: float | None = None
+    #: a small manifest entry (without ``kind``/``type``) the step conformance test builds it from, with
+    #: ``ctx.extra`` holding whatever models it names; ``None`` only for steps the test cannot build alone.
+    test_spec: ClassVar[dict[str, Any] | None] = None
 
     @classmethod
     @abstractmethod
