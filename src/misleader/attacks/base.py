@@ -3,9 +3,9 @@
 ``Attack.run(oracle, budget=..., clone=..., generator=...) -> AttackResult``. The attack must
 never make the oracle answer more than ``budget`` rows, and its own accounting must equal the
 oracle's count (tests check both). Evaluation of the clone on the test set is the *harness's* job:
-an attack may call the optional ``evaluate(clone) -> dict`` callback it is given (to record history
-against the query count), but it must never use the result for its own decisions (no test-set
-model selection).
+an attack may call the optional ``evaluate(clone, *, queries=n, **fields)`` callback it is given (to
+record a history row against the query count); the callback returns nothing: the measurement goes to
+the harness's history only, so no attack can select or tune on the test set.
 
 **Attacker data (pools).** An attack that queries natural images (Knockoff Nets) or needs a proxy
 set (DFMS-HL) sets the class attribute ``needs_pool = True``. The harness then builds the pool with
