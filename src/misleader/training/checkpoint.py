@@ -2,8 +2,8 @@
 
 The sidecar holds everything needed to rebuild the model and to check its integrity: arch,
 dataset, classes, input shape, normalisation, seed, split, metrics, versions and the sha256 of the
-weights file. Loading never unpickles (safetensors + JSON only); resume state uses
-``torch.load(weights_only=True)``.
+weights file. Loading never unpickles (safetensors + JSON only); so does the resume state
+(:mod:`misleader.training.resume`).
 """
 
 from __future__ import annotations
@@ -108,23 +108,3 @@ def load_model(path: str | Path, *, device: torch.device | str = "cpu") -> tuple
     except RuntimeError as exc:
         raise MisleaderError(f"checkpoint {weights} does not fit architecture {meta['arch']!r}: {str(exc)[:200]}") from None
     return model.to(device).eval(), meta
-
-
-def save_resume_state(path: str | Path, state: dict[str, Any]) -> None:
-    """Atomically save a resume dict (tensors, numbers, strings only)."""
-    import io
-
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    atomic_write_bytes(path, buf.getvalue())
-
-
-def load_resume_state(path: str | Path) -> dict[str, Any] | None:
-    path = Path(path)
-    if not path.exists():
-        return None
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001
-        log.warning("ignoring unreadable resume state %s (%s); starting over", path, exc)
-        return None

@@ -8,14 +8,13 @@ Recipes follow the reference code (`../shared/research/misleader-code.md` sectio
 
 Deviations from the reference code: the checkpoint kept is the best on the *validation* split (the
 reference keeps the last epoch for the teacher and selects everything else on the test set); a
-run is resumable (a ``resume.pt`` is written atomically after every epoch).
+run is resumable (:func:`misleader.training.loop.fit` writes a ``resume.safetensors`` atomically after
+every epoch; it is refused when written with other settings).
 """
 
 from __future__ import annotations
 
 import logging
-import math
-import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
@@ -25,9 +24,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from misleader.data.loader import TensorLoader
-from misleader.training.checkpoint import load_resume_state, save_resume_state
 from misleader.training.evaluate import predict_probs
-from misleader.utils import autocast, progress
+from misleader.training.loop import cpu_state, fit
+from misleader.training.schedule import cosine_lambda
+from misleader.utils import autocast
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +92,7 @@ def make_optimizer(params, recipe: Recipe) -> torch.optim.Optimizer:
 def make_scheduler(opt: torch.optim.Optimizer, recipe: Recipe, *, total_steps: int):
     """Per-step scheduler over ``total_steps`` (cosine, step at fractions, or constant)."""
     if recipe.schedule == "cosine":
-        return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total_steps) / total_steps)))
+        return torch.optim.lr_scheduler.LambdaLR(opt, cosine_lambda(total_steps))
     if recipe.schedule == "step":
         marks = [int(f * total_steps) for f in recipe.milestones]
         return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: recipe.gamma ** sum(s >= m for m in marks))
@@ -127,6 +127,60 @@ class TrainResult:
     seconds: float = 0.0
 
 
+class _ClassifierTask:
+    """One epoch of cross-entropy training (the :class:`~misleader.training.loop.FitTask` of victims)."""
+
+    def __init__(self, model: nn.Module, *, loader: TensorLoader, x_val: torch.Tensor, y_val: torch.Tensor,
+                 recipe: Recipe, device: torch.device, generator: torch.Generator, amp: bool,
+                 total_steps: int) -> None:
+        self.model, self.loader, self.x_val, self.y_val = model, loader, x_val, y_val
+        self.recipe, self.device, self.generator, self.amp = recipe, device, generator, amp
+        self.opt = make_optimizer(model.parameters(), recipe)
+        self.sched = make_scheduler(self.opt, recipe, total_steps=total_steps)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and amp
+                                           and not torch.cuda.is_bf16_supported())
+
+    def run_epoch(self, epoch: int, *, bar: Any) -> dict[str, Any]:
+        model, recipe, opt = self.model, self.recipe, self.opt
+        model.train()
+        total_loss, n_seen = 0.0, 0
+        for xb, yb in self.loader:
+            if recipe.augment != "none":
+                xb = crop_flip(xb, padding=recipe.crop_padding, flip=recipe.augment == "crop_flip",
+                               generator=self.generator)
+            with autocast(self.device, self.amp):
+                loss = F.cross_entropy(model(xb), yb, label_smoothing=recipe.label_smoothing)
+            opt.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
+            if recipe.grad_clip:
+                self.scaler.unscale_(opt)
+                nn.utils.clip_grad_norm_(model.parameters(), recipe.grad_clip)
+            self.scaler.step(opt)
+            self.scaler.update()
+            self.sched.step()
+            total_loss += float(loss.detach()) * len(yb)
+            n_seen += len(yb)
+            bar.update(1)
+        val_acc = float((predict_probs(model, self.x_val, device=self.device).argmax(1) == self.y_val.cpu())
+                        .float().mean())
+        return {"train_loss": total_loss / max(n_seen, 1), "val_accuracy": val_acc, "lr": opt.param_groups[0]["lr"]}
+
+    def snapshot(self) -> dict[str, Any]:
+        return {"model": cpu_state(self.model)}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
+                "scheduler": self.sched.state_dict(), "scaler": self.scaler.state_dict(),
+                "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.sched.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.generator.set_state(state["generator"])
+
+
 def train_classifier(
     model: nn.Module,
     *,
@@ -139,6 +193,7 @@ def train_classifier(
     device: torch.device,
     generator: torch.Generator,
     resume_path: Path | None = None,
+    settings: dict[str, Any] | None = None,
     amp: bool = True,
     desc: str = "train",
     on_epoch: Callable[[dict[str, float]], None] | None = None,
@@ -149,6 +204,8 @@ def train_classifier(
         x_train, y_train: uint8 (N, C, H, W) images and int64 (N,) labels.
         x_val, y_val: the validation split (model selection only).
         resume_path: where to keep the per-epoch resume state (None: not resumable).
+        settings: the run's settings, stored in the resume state; a resume state written with
+            other settings is refused (:func:`misleader.training.loop.fit`).
 
     Returns:
         :class:`TrainResult` (best weights on CPU, per-epoch history).
@@ -158,62 +215,10 @@ def train_classifier(
     model.to(device)
     loader = TensorLoader(x_train, y_train, batch_size=recipe.batch_size, shuffle=True, generator=generator,
                           device=device, drop_last=len(x_train) > recipe.batch_size)
-    opt = make_optimizer(model.parameters(), recipe)
-    sched = make_scheduler(opt, recipe, total_steps=epochs * len(loader))
-    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and amp and not torch.cuda.is_bf16_supported())
-    start_epoch, history = 0, []
-    best_acc, best_epoch, best_state = -1.0, -1, {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-    seconds = 0.0
-    state = load_resume_state(resume_path) if resume_path is not None else None
-    if state is not None:
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        generator.set_state(state["generator"])
-        start_epoch, history = int(state["epoch"]), list(state["history"])
-        best_acc, best_epoch, best_state = float(state["best_acc"]), int(state["best_epoch"]), state["best_state"]
-        seconds = float(state.get("seconds", 0.0))
-        log.info("resuming %s from epoch %d (best val acc %.4f)", desc, start_epoch, best_acc)
-    bar = progress(total=epochs * len(loader), desc=desc, unit="step")
-    bar.update(start_epoch * len(loader))
-    for epoch in range(start_epoch, epochs):
-        t0 = time.perf_counter()
-        model.train()
-        total_loss, n_seen = 0.0, 0
-        for xb, yb in loader:
-            if recipe.augment != "none":
-                xb = crop_flip(xb, padding=recipe.crop_padding, flip=recipe.augment == "crop_flip", generator=generator)
-            with autocast(device, amp):
-                loss = F.cross_entropy(model(xb), yb, label_smoothing=recipe.label_smoothing)
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if recipe.grad_clip:
-                scaler.unscale_(opt)
-                nn.utils.clip_grad_norm_(model.parameters(), recipe.grad_clip)
-            scaler.step(opt)
-            scaler.update()
-            sched.step()
-            total_loss += float(loss.detach()) * len(yb)
-            n_seen += len(yb)
-            bar.update(1)
-        val_acc = float((predict_probs(model, x_val, device=device).argmax(1) == y_val.cpu()).float().mean())
-        seconds += time.perf_counter() - t0
-        row = {"epoch": epoch + 1, "train_loss": total_loss / max(n_seen, 1), "val_accuracy": val_acc,
-               "lr": opt.param_groups[0]["lr"], "seconds": seconds}
-        history.append(row)
-        bar.set_postfix(loss=f"{row['train_loss']:.3f}", val=f"{val_acc:.4f}")
-        log.info("%s epoch %d/%d loss %.4f val_acc %.4f", desc, epoch + 1, epochs, row["train_loss"], val_acc)
-        if on_epoch is not None:
-            on_epoch(row)
-        if val_acc > best_acc:
-            best_acc, best_epoch = val_acc, epoch + 1
-            best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-        if resume_path is not None:
-            save_resume_state(resume_path, {
-                "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                "generator": generator.get_state(), "epoch": epoch + 1, "history": history, "best_acc": best_acc,
-                "best_epoch": best_epoch, "best_state": best_state, "seconds": seconds,
-            })
-    bar.close()
-    return TrainResult(best_state=best_state, best_val_accuracy=best_acc, best_epoch=best_epoch, history=history,
-                       seconds=seconds)
+    task = _ClassifierTask(model, loader=loader, x_val=x_val, y_val=y_val, recipe=recipe, device=device,
+                           generator=generator, amp=amp, total_steps=epochs * len(loader))
+    res = fit(task, epochs=epochs, steps_per_epoch=len(loader), resume_path=resume_path,
+              settings={"recipe": recipe.to_dict(), "epochs": epochs, **(settings or {})}, desc=desc,
+              on_epoch=on_epoch)
+    return TrainResult(best_state=res.best["model"], best_val_accuracy=res.best_val_accuracy,
+                       best_epoch=res.best_epoch, history=res.history, seconds=res.seconds)

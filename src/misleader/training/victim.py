@@ -16,14 +16,18 @@ import torch
 
 from misleader.data import SplitSpec, load_dataset, make_splits
 from misleader.errors import MisleaderError
+from misleader.fingerprint import check_out_dir
 from misleader.metrics import accuracy
 from misleader.models import MODELS, create_model
 from misleader.training.checkpoint import save_model
+from misleader.training.resume import claim_run_dir
 from misleader.training.evaluate import predict_probs
 from misleader.training.train import RECIPES, Recipe, default_recipe, train_classifier
 from misleader.utils import environment, read_json, resolve_device, seed_everything, write_json
 
 log = logging.getLogger(__name__)
+
+RESUME_FILE = "resume.safetensors"
 
 
 def train_victim(
@@ -40,16 +44,22 @@ def train_victim(
     lr: float | None = None,
     split: SplitSpec | None = None,
     amp: bool = True,
+    force: bool = False,
 ) -> dict[str, Any]:
     """Train ``arch`` on ``dataset``'s defender split, select on validation, test once; write ``out``.
 
+    ``out`` records a fingerprint of the settings (dataset, arch, epochs, seed, recipe, split, amp).
+    Re-running with the same settings resumes an interrupted run after its last epoch (or returns
+    the finished result); other settings are a one-line error unless ``force``, which starts over.
+
     Returns:
         The ``result.json`` dict (``test_accuracy``, ``val_accuracy``, ``seconds`` ...).
+
+    Raises:
+        MisleaderError: unknown arch/recipe/dataset, ``out`` written with other settings, or an
+            unreadable resume file.
     """
-    out = Path(out)
-    if (out / "result.json").exists() and (out / "model.json").exists():
-        log.info("%s already holds a finished victim; delete it to retrain", out)
-        return read_json(out / "result.json")
+    out = check_out_dir(out)
     MODELS.get(arch)  # fail fast on an unknown architecture
     dev = resolve_device(device)
     gen = seed_everything(seed)
@@ -66,13 +76,18 @@ def train_victim(
     if lr is not None:
         recipe = replace(recipe, lr=lr)
     mean, std = data.channel_stats()
+    settings = {"command": "train-victim", "dataset": dataset, "arch": arch, "epochs": epochs, "seed": seed,
+                "recipe": recipe.to_dict(), "split": split.to_dict(), "amp": amp}
+    resumed = claim_run_dir(out, settings, force=force, command="misleader train-victim")
+    if resumed and (out / "result.json").exists() and (out / "model.json").exists():
+        log.info("%s already holds this finished victim; pass --force to retrain", out)
+        return read_json(out / "result.json")
     model = create_model(arch, in_channels=data.in_channels, num_classes=data.num_classes, mean=mean, std=std)
-    out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     res = train_classifier(
         model, x_train=data.x_train[s.train], y_train=data.y_train[s.train], x_val=data.x_train[s.val],
         y_val=data.y_train[s.val], epochs=epochs, recipe=recipe, device=dev, generator=gen,
-        resume_path=out / "resume.pt", amp=amp, desc=f"victim {arch}",
+        resume_path=out / RESUME_FILE, settings=settings, amp=amp, desc=f"victim {arch}",
     )
     model.load_state_dict(res.best_state)
     test_acc = accuracy(predict_probs(model, data.x_test, device=dev), data.y_test)
@@ -96,7 +111,7 @@ def train_victim(
     save_model(model, out, meta=meta)
     write_json(out / "history.json", res.history)
     write_json(out / "result.json", {**result, "environment": environment()})
-    (out / "resume.pt").unlink(missing_ok=True)
+    (out / RESUME_FILE).unlink(missing_ok=True)
     log.info("victim %s on %s: test accuracy %.4f (val %.4f, %.1fs)", arch, dataset, test_acc,
              res.best_val_accuracy, result["seconds"])
     return result

@@ -19,11 +19,15 @@ from misleader.defenses.misleader.config import AUTO_PRESET, PAPER_URL, MemberCo
 from misleader.defenses.misleader.diagnostics import evaluate_defense
 from misleader.defenses.misleader.trainer import train_member
 from misleader.errors import MisleaderError
+from misleader.fingerprint import FINGERPRINT_FILE, settings_fingerprint
 from misleader.models import MODELS, Classifier, create_model
 from misleader.training.checkpoint import load_model, read_sidecar, save_model
+from misleader.training.resume import claim_run_dir
 from misleader.utils import derive_seed, environment, make_generator, read_json, resolve_device, write_json
 
 log = logging.getLogger(__name__)
+
+RESUME_FILE = "resume.safetensors"
 
 
 
@@ -89,7 +93,8 @@ def _train_one(*, name: str, cfg: MemberConfig, seed: int, member_dir: Path, tea
     res = train_member(
         config=cfg, teacher=teacher, defense=d, clone=s, x_train=data.x_train[splits.train],
         y_train=data.y_train[splits.train], x_val=data.x_train[splits.val], y_val=data.y_train[splits.val],
-        device=device, generator=gen, resume_path=member_dir / "resume.pt", desc=f"misleader {name}",
+        device=device, generator=gen, resume_path=member_dir / RESUME_FILE, settings={"seed": int(seed), "victim_sha256": victim_sha},
+        desc=f"misleader {name}",
     )
     d.load_state_dict(res.defense_state)
     meta = {"dataset": victim_meta["dataset"], "num_classes": k, "input_shape": list(shape),
@@ -105,7 +110,7 @@ def _train_one(*, name: str, cfg: MemberConfig, seed: int, member_dir: Path, tea
               "val_accuracy": res.best_val_accuracy, "best_epoch": res.best_epoch, "epochs_run": res.epochs_run,
               "seconds": res.seconds, "device": str(device), "fingerprint": want}
     write_json(member_dir / "result.json", result)  # written last: marks the member finished
-    (member_dir / "resume.pt").unlink(missing_ok=True)
+    (member_dir / RESUME_FILE).unlink(missing_ok=True)
     return result
 
 
@@ -116,10 +121,22 @@ def _publish(member_dir: Path, target: Path, want: dict[str, Any]) -> None:
         return
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.parent / f".{target.name}.tmp-{time.time_ns()}"
-    shutil.copytree(member_dir, tmp, ignore=shutil.ignore_patterns("resume.pt", ".*"))
+    shutil.copytree(member_dir, tmp, ignore=shutil.ignore_patterns(RESUME_FILE, ".*"))
     if target.exists():
         shutil.rmtree(target)  # an unfinished folder (interrupted copy or training): replaced
     tmp.rename(target)
+
+
+def _adopt_published_members(out: Path, settings: dict[str, Any]) -> None:
+    """Let an ensemble folder that holds only ``members/`` published by ``--member-of`` be claimed.
+
+    Each published member is checked against its own recorded settings before it is reused
+    (:func:`_check_fingerprint`), so the folder is claimed for ``settings`` as if it were new.
+    """
+    if not out.is_dir() or (out / FINGERPRINT_FILE).exists() or not (out / "members").is_dir():
+        return
+    if {p.name for p in out.iterdir()} == {"members"}:
+        write_json(out / FINGERPRINT_FILE, {"fingerprint": settings_fingerprint(settings), "settings": settings})
 
 
 def _assemble(out: Path, plan: dict[str, Any], *, victim_dir: Path, teacher: Classifier, victim_meta: dict,
@@ -178,6 +195,8 @@ def defend_misleader(
     batch_size: int | None = None,
     member_of: str | Path | None = None,
     generator_samples: int = 256,
+    force: bool = False,
+    base: str | Path | None = None,
 ) -> dict[str, Any]:
     """Train a MISLEADER ensemble against the victim folder ``victim`` and write it to ``out``.
 
@@ -200,15 +219,24 @@ def defend_misleader(
             Members trained on other machines can be copied into ``DIR/members/`` by hand and
             assembled by running the command without ``member_of`` and ``out=DIR``.
         generator_samples: untrained-generator images in the misleading diagnostics of ``result.json``.
+        force: start over in ``out`` (delete what it holds), whatever settings it was written with.
+        base: must be ``None`` or the victim folder itself: MISLEADER distils the victim, it cannot
+            wrap another defense. To compose, write this folder first and pass it as ``--base`` to
+            the next (output) defense.
 
     Returns:
         The ``result.json`` dict (``test_accuracy``, ``victim_test_accuracy``, ``fidelity``,
         ``mean_l1_to_victim``, ``members`` ...); with ``member_of`` before assembly, the member's
         own result.
 
-    Resumable: finished members are skipped (after checking that they were trained with the same
-    settings), an interrupted member resumes from its last epoch, and ``result.json`` is written
-    only when every member is done.
+    Resumable: ``out`` records a fingerprint of the settings (``fingerprint.json``); a re-run with
+    the same settings skips finished members, resumes an interrupted member from its last epoch,
+    and writes ``result.json`` only when every member is done. A re-run with other settings (members,
+    epochs, seed, member settings, preset, victim) is refused with a one-line error unless ``force``.
+
+    Raises:
+        MisleaderError: bad arguments, ``base`` other than the victim, ``out`` written with other
+            settings, or an unreadable resume file.
     """
     t_start = time.perf_counter()
     victim_dir, out = Path(victim), Path(out)
@@ -222,6 +250,9 @@ def defend_misleader(
     if member_settings is not None and len(member_settings) != len(archs):
         raise MisleaderError(f"member_settings has {len(member_settings)} entries for {len(archs)} members: "
                              "give one per member")
+    if base is not None and Path(base).resolve() != victim_dir.resolve():
+        raise MisleaderError(f"--base {base}: misleader distils the victim itself; compose by passing this folder "
+                             "as --base to the next defense")
     if member_of is not None and len(archs) != 1:
         raise MisleaderError(f"member_of trains one member per call, got {len(archs)} ({','.join(archs)}): "
                              "run one invocation per member")
@@ -241,16 +272,27 @@ def defend_misleader(
             ov["batch_size"] = batch_size
         configs.append(member_config(a, epochs=epochs, preset=pre, overrides=ov))
     dev = resolve_device(device)
-    data, splits = load_target_data(vmeta, data_dir=data_dir)
     names = member_names(archs)
     sha = vmeta.get("sha256")
+    fingerprints = [_fingerprint(c, seed=seed, victim_sha=sha) for c in configs]
+    if member_of is not None:
+        claim_run_dir(out, {"defense": "misleader", "member": names[0], **fingerprints[0]}, force=force,
+                      command="misleader defend misleader --member-of")
+    else:
+        plan = {"names": names, "archs": archs, "epochs": epochs, "seed": seed, "preset": preset_name,
+                "victim": str(victim_dir), "victim_sha256": sha, "configs": [c.to_dict() for c in configs],
+                "generator_samples": generator_samples}
+        settings = {"defense": "misleader", **{k: v for k, v in plan.items() if k != "victim"}}
+        _adopt_published_members(out, settings)
+        claim_run_dir(out, settings, force=force, command="misleader defend misleader")
+    data, splits = load_target_data(vmeta, data_dir=data_dir)
 
     if member_of is not None:
         ens = Path(member_of)
         name = names[0]
         result = _train_one(name=name, cfg=configs[0], seed=seed, member_dir=out, teacher=teacher,
                             victim_meta=vmeta, victim_sha=sha, data=data, splits=splits, device=dev)
-        _publish(out, ens / "members" / name, _fingerprint(configs[0], seed=seed, victim_sha=sha))
+        _publish(out, ens / "members" / name, fingerprints[0])
         plan_path = ens / "plan.json"
         if plan_path.exists():
             plan = read_json(plan_path)
@@ -259,13 +301,6 @@ def defend_misleader(
                                  device=dev, t_start=t_start)
         return result
 
-    out.mkdir(parents=True, exist_ok=True)
-    plan = {"names": names, "archs": archs, "epochs": epochs, "seed": seed, "preset": preset_name,
-            "victim": str(victim_dir), "victim_sha256": sha, "configs": [c.to_dict() for c in configs],
-            "generator_samples": generator_samples}
-    if (out / "plan.json").exists() and read_json(out / "plan.json") != json.loads(json.dumps(plan)):
-        for stale in ("result.json", "manifest.json", "history.json"):  # describe another member set
-            (out / stale).unlink(missing_ok=True)
     write_json(out / "plan.json", plan)
     for name, cfg in zip(names, configs):
         _train_one(name=name, cfg=cfg, seed=seed, member_dir=out / "members" / name, teacher=teacher,

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-
+from misleader.training.losses import kl_rows
 
 def kd_loss(d_logits: torch.Tensor, t_logits: torch.Tensor, y: torch.Tensor, *, temperature: float,
             alpha: float) -> torch.Tensor:
@@ -17,18 +17,11 @@ def kd_loss(d_logits: torch.Tensor, t_logits: torch.Tensor, y: torch.Tensor, *, 
     Shape: d_logits, t_logits (N, K); y (N,) -> scalar. Computed in float32.
     """
     d, t = d_logits.float(), t_logits.float().detach()
-    log_pt = F.log_softmax(t / temperature, dim=1)
-    kl = (log_pt.exp() * (log_pt - F.log_softmax(d / temperature, dim=1))).sum(1).mean()
+    kl = kl_rows(t / temperature, d / temperature).mean()
     loss = alpha * temperature**2 * kl
     if alpha < 1:
         loss = loss + (1 - alpha) * F.cross_entropy(d, y)
     return loss
-
-
-def kl_rows(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor:
-    """Per-row ``KL(softmax(p) || softmax(q))`` from logits, in float32. Shape: (N, K), (N, K) -> (N,)."""
-    log_p = F.log_softmax(p_logits.float(), dim=1)
-    return (log_p.exp() * (log_p - F.log_softmax(q_logits.float(), dim=1))).sum(1)
 
 
 def attacker_term(d_aug_logits: torch.Tensor, s_aug_logits: torch.Tensor) -> torch.Tensor:
@@ -40,3 +33,5 @@ def clone_loss(s_aug_logits: torch.Tensor, d_aug_logits: torch.Tensor) -> torch.
     """The inner clone's loss ``KL(d(x_aug) || s(x_aug))``, differentiable in ``s`` only."""
     return kl_rows(d_aug_logits.detach(), s_aug_logits).mean()
 
+
+__all__ = ["attacker_term", "clone_loss", "kd_loss", "kl_rows"]

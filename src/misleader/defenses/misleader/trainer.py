@@ -5,10 +5,7 @@ Paper: MISLEADER, arXiv 2506.02362, https://arxiv.org/abs/2506.02362 (see :mod:`
 
 from __future__ import annotations
 
-import json
 import logging
-import math
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -20,19 +17,14 @@ from misleader.data.augment import augment, strong_augmentation, weak_augmentati
 from misleader.data.loader import to_unit
 from misleader.defenses.misleader.config import MemberConfig
 from misleader.defenses.misleader.losses import attacker_term, clone_loss, kd_loss
-from misleader.errors import MisleaderError
 from misleader.metrics import accuracy
-from misleader.training.checkpoint import load_resume_state, save_resume_state
 from misleader.training.evaluate import predict_probs
-from misleader.utils import autocast, derive_seed, make_generator, progress
+from misleader.training.loop import cpu_state, fit
+from misleader.training.schedule import cosine_lambda
+from misleader.utils import autocast, derive_seed, make_generator
 
 log = logging.getLogger(__name__)
 
-
-
-def _cosine(total_steps: int) -> Callable[[int], float]:
-    total = max(1, total_steps)
-    return lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total))
 
 
 class MemberTrainer:
@@ -58,14 +50,14 @@ class MemberTrainer:
         self.clone = clone.to(device) if clone is not None else None
         self.opt_d = torch.optim.SGD(self.defense.parameters(), lr=config.lr, momentum=config.momentum,
                                      weight_decay=config.weight_decay)
-        self.sched_d = torch.optim.lr_scheduler.LambdaLR(self.opt_d, _cosine(total_steps))
+        self.sched_d = torch.optim.lr_scheduler.LambdaLR(self.opt_d, cosine_lambda(total_steps))
         fp16 = device.type == "cuda" and config.amp and not torch.cuda.is_bf16_supported()
         self.scaler_d = torch.amp.GradScaler("cuda", enabled=fp16)
         self.scaler_s = torch.amp.GradScaler("cuda", enabled=fp16)
         if self.clone is not None:
             self.opt_s = torch.optim.SGD(self.clone.parameters(), lr=config.clone_lr,
                                          momentum=config.clone_momentum, weight_decay=config.clone_weight_decay)
-            self.sched_s = torch.optim.lr_scheduler.LambdaLR(self.opt_s, _cosine(total_steps))
+            self.sched_s = torch.optim.lr_scheduler.LambdaLR(self.opt_s, cosine_lambda(total_steps))
 
     def _amp(self):
         return autocast(self.device, self.config.amp)
@@ -212,10 +204,6 @@ class MemberResult:
     last_defense_state: dict[str, torch.Tensor] | None = None
 
 
-def _cpu_state(m: nn.Module | None) -> dict[str, torch.Tensor] | None:
-    return None if m is None else {k: v.detach().cpu().clone() for k, v in m.state_dict().items()}
-
-
 @torch.no_grad()
 def _logits(model: nn.Module, x: torch.Tensor, *, device: torch.device, amp: bool,
             batch_size: int = 2048) -> torch.Tensor:
@@ -242,6 +230,73 @@ def resolve_clean_augment(config: MemberConfig, channels: int) -> str:
     return "weak" if channels == 3 else "none"
 
 
+class _MemberTask:
+    """One epoch of Algorithm 1 over the training split (the :class:`~misleader.training.loop.FitTask` of a member)."""
+
+    def __init__(self, *, trainer: MemberTrainer, teacher: nn.Module, x_train: torch.Tensor, y_train: torch.Tensor,
+                 x_val: torch.Tensor, y_val: torch.Tensor, device: torch.device, generator: torch.Generator) -> None:
+        cfg = trainer.config
+        self.trainer, self.teacher, self.x_val, self.y_val, self.device = trainer, teacher, x_val, y_val, device
+        self.n, bs = len(x_train), cfg.batch_size
+        self.steps = self.n // bs if self.n >= bs else 1
+        self.bs = bs if self.n >= bs else self.n
+        channels, size = int(x_train.shape[1]), int(x_train.shape[-1])
+        self.weak = (weak_augmentation(image_size=size).to(device)
+                     if resolve_clean_augment(cfg, channels) == "weak" else None)
+        self.strong = strong_augmentation(image_size=size, channels=channels, **cfg.strong_augment).to(device)
+        # independent streams, so that lambda = 0 consumes exactly what plain KD would
+        self.streams = {k: make_generator(derive_seed(generator)) for k in ("clean", "attack", "weak", "strong", "torch")}
+        self.x_dev, self.y_dev = x_train.to(device), y_train.to(device)
+        self.t_cache = None
+        if self.weak is None and cfg.cache_teacher:
+            self.t_cache = _logits(teacher, self.x_dev, device=device, amp=cfg.amp)
+
+    def run_epoch(self, epoch: int, *, bar: Any) -> dict[str, Any]:
+        trainer, cfg, device, bs, streams = self.trainer, self.trainer.config, self.device, self.bs, self.streams
+        # dropout and any other global-RNG user: seeded per epoch from the run's generator
+        with torch.random.fork_rng(devices=_cuda_index(device)):
+            torch.manual_seed(derive_seed(streams["torch"]))
+            perm_c = torch.randperm(self.n, generator=streams["clean"]).to(device)
+            perm_a = torch.randperm(self.n, generator=streams["attack"]).to(device) if trainer.uses_clone else None
+            sums: dict[str, torch.Tensor] = {}
+            for i in range(self.steps):
+                idx = perm_c[i * bs:(i + 1) * bs]
+                x, y = to_unit(self.x_dev[idx]), self.y_dev[idx]
+                if self.weak is not None:
+                    x = augment(self.weak, x, generator=streams["weak"])
+                if self.t_cache is not None:
+                    t_logits = self.t_cache[idx]
+                else:
+                    with torch.no_grad(), autocast(device, cfg.amp):
+                        t_logits = self.teacher(x).float()
+                x_aug = None
+                if trainer.uses_clone:
+                    x_aug = augment(self.strong, to_unit(self.x_dev[perm_a[i * bs:(i + 1) * bs]]),
+                                    generator=streams["strong"])
+                out = trainer.step(x, y, t_logits, x_aug)
+                for k, v in out.items():
+                    sums[k] = sums[k] + v if k in sums else v.clone()
+                bar.update(1)
+        val_acc = accuracy(predict_probs(trainer.defense, self.x_val, device=device, amp=cfg.amp), self.y_val)
+        clone_val = (accuracy(predict_probs(trainer.clone, self.x_val, device=device, amp=cfg.amp), self.y_val)
+                     if trainer.uses_clone else None)
+        means = {k: float(v) / self.steps for k, v in sums.items()}
+        return {"val_accuracy": val_acc, "clone_val_accuracy": clone_val, "kd_loss": means.get("kd_loss"),
+                "attacker_kl": means.get("attacker_kl"), "clone_kl": means.get("clone_kl"), "loss": means.get("loss"),
+                "lr": trainer.opt_d.param_groups[0]["lr"]}
+
+    def snapshot(self) -> dict[str, Any]:
+        return {"defense": cpu_state(self.trainer.defense), "clone": cpu_state(self.trainer.clone)}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"trainer": self.trainer.state_dict(), "streams": {k: g.get_state() for k, g in self.streams.items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.trainer.load_state_dict(state["trainer"])
+        for k, g in self.streams.items():
+            g.set_state(state["streams"][k])
+
+
 def train_member(
     *,
     config: MemberConfig,
@@ -255,6 +310,7 @@ def train_member(
     device: torch.device,
     generator: torch.Generator,
     resume_path: str | Path | None = None,
+    settings: dict[str, Any] | None = None,
     desc: str = "member",
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
 ) -> MemberResult:
@@ -270,6 +326,8 @@ def train_member(
         device: training device.
         generator: seeds everything random in the run (shuffles, augmentations, dropout).
         resume_path: per-epoch resume state (``None``: not resumable).
+        settings: what else defines the run besides ``config`` (e.g. the seed and the victim's
+            sha256); a resume state written with another ``config`` or ``settings`` is refused.
         on_epoch: called with each history row.
 
     Returns:
@@ -282,107 +340,18 @@ def train_member(
         raise ValueError(f"x_train and y_train must be non-empty and of equal length, got {len(x_train)}, "
                          f"{len(y_train)}")
     cfg = config
-    n, bs = len(x_train), cfg.batch_size
-    steps = n // bs if n >= bs else 1
-    bs_eff = bs if n >= bs else n
-    channels = int(x_train.shape[1])
-    clean_aug_name = resolve_clean_augment(cfg, channels)
-    size = int(x_train.shape[-1])
-    weak = weak_augmentation(image_size=size).to(device) if clean_aug_name == "weak" else None
-    strong = strong_augmentation(image_size=size, channels=channels, **cfg.strong_augment).to(device)
-    # independent streams, so that lambda = 0 consumes exactly what plain KD would
-    streams = {k: make_generator(derive_seed(generator)) for k in ("clean", "attack", "weak", "strong", "torch")}
     teacher = teacher.to(device).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
+    n, bs = len(x_train), cfg.batch_size
+    steps = n // bs if n >= bs else 1
     trainer = MemberTrainer(config=cfg, defense=defense, clone=clone if cfg.lam > 0 else None, device=device,
                             total_steps=cfg.epochs * steps)
-    x_dev, y_dev = x_train.to(device), y_train.to(device)
-    t_cache = None
-    if weak is None and cfg.cache_teacher:
-        t_cache = _logits(teacher, x_dev, device=device, amp=cfg.amp)
-
-    start_epoch, history, seconds = 0, [], 0.0
-    best_acc, best_epoch, since_best = -1.0, 0, 0
-    best_d, best_s = _cpu_state(trainer.defense), _cpu_state(trainer.clone)
-    cfg_json = json.dumps(cfg.to_dict(), sort_keys=True)
-    state = load_resume_state(resume_path) if resume_path is not None else None
-    if state is not None:
-        if state.get("config") != cfg_json:
-            raise MisleaderError(f"{resume_path} was written by a run with other settings: delete it to start over, "
-                                 "or re-run with the same settings to resume")
-        trainer.load_state_dict(state["trainer"])
-        for k, g in streams.items():
-            g.set_state(state["streams"][k])
-        start_epoch, history, seconds = int(state["epoch"]), list(state["history"]), float(state["seconds"])
-        best_acc, best_epoch, since_best = float(state["best_acc"]), int(state["best_epoch"]), int(state["since_best"])
-        best_d, best_s = state["best_d"], state.get("best_s")
-        log.info("resuming %s from epoch %d (best val acc %.4f)", desc, start_epoch, best_acc)
-
-    stopped = start_epoch >= cfg.epochs or (cfg.effective_patience and since_best >= cfg.effective_patience)
-    bar = progress(total=cfg.epochs * steps, desc=desc, unit="step")
-    bar.update(start_epoch * steps)
-    epoch = start_epoch
-    while not stopped:
-        t0 = time.perf_counter()
-        # dropout and any other global-RNG user: seeded per epoch from the run's generator
-        with torch.random.fork_rng(devices=_cuda_index(device)):
-            torch.manual_seed(derive_seed(streams["torch"]))
-            perm_c = torch.randperm(n, generator=streams["clean"]).to(device)
-            perm_a = torch.randperm(n, generator=streams["attack"]).to(device) if trainer.uses_clone else None
-            sums: dict[str, torch.Tensor] = {}
-            for i in range(steps):
-                idx = perm_c[i * bs_eff:(i + 1) * bs_eff]
-                x, y = to_unit(x_dev[idx]), y_dev[idx]
-                if weak is not None:
-                    x = augment(weak, x, generator=streams["weak"])
-                if t_cache is not None:
-                    t_logits = t_cache[idx]
-                else:
-                    with torch.no_grad(), autocast(device, cfg.amp):
-                        t_logits = teacher(x).float()
-                x_aug = None
-                if trainer.uses_clone:
-                    x_aug = augment(strong, to_unit(x_dev[perm_a[i * bs_eff:(i + 1) * bs_eff]]),
-                                    generator=streams["strong"])
-                out = trainer.step(x, y, t_logits, x_aug)
-                for k, v in out.items():
-                    sums[k] = sums[k] + v if k in sums else v.clone()
-                bar.update(1)
-        val_acc = accuracy(predict_probs(trainer.defense, x_val, device=device, amp=cfg.amp), y_val)
-        clone_val = (accuracy(predict_probs(trainer.clone, x_val, device=device, amp=cfg.amp), y_val)
-                     if trainer.uses_clone else None)
-        seconds += time.perf_counter() - t0
-        epoch += 1
-        means = {k: float(v) / steps for k, v in sums.items()}
-        row = {"epoch": epoch, "val_accuracy": val_acc, "clone_val_accuracy": clone_val,
-               "kd_loss": means.get("kd_loss"), "attacker_kl": means.get("attacker_kl"),
-               "clone_kl": means.get("clone_kl"), "loss": means.get("loss"),
-               "lr": trainer.opt_d.param_groups[0]["lr"], "seconds": seconds}
-        history.append(row)
-        bar.set_postfix(val=f"{val_acc:.4f}", atk=f"{row['attacker_kl'] or 0:.3f}")
-        log.info("%s epoch %d/%d val_acc %.4f clone_val_acc %s kd %.4f attacker_kl %s", desc, epoch, cfg.epochs,
-                 val_acc, "-" if clone_val is None else f"{clone_val:.4f}", row["kd_loss"],
-                 "-" if row["attacker_kl"] is None else f"{row['attacker_kl']:.4f}")
-        if on_epoch is not None:
-            on_epoch(row)
-        if val_acc > best_acc:
-            best_acc, best_epoch, since_best = val_acc, epoch, 0
-            best_d, best_s = _cpu_state(trainer.defense), _cpu_state(trainer.clone)
-        else:
-            since_best += 1
-        stopped = epoch >= cfg.epochs or bool(cfg.effective_patience and since_best >= cfg.effective_patience)
-        if stopped and epoch < cfg.epochs:
-            log.info("%s: no validation improvement for %d epochs, stopping at epoch %d", desc, since_best, epoch)
-        if resume_path is not None:
-            save_resume_state(resume_path, {
-                "config": cfg_json, "trainer": trainer.state_dict(),
-                "streams": {k: g.get_state() for k, g in streams.items()}, "epoch": epoch, "history": history,
-                "seconds": seconds, "best_acc": best_acc, "best_epoch": best_epoch, "since_best": since_best,
-                "best_d": best_d, **({"best_s": best_s} if best_s is not None else {}),
-            })
-    bar.close()
-    return MemberResult(defense_state=best_d, clone_state=best_s, best_val_accuracy=best_acc, best_epoch=best_epoch,
-                        epochs_run=len(history), history=history, seconds=seconds,
-                        last_defense_state=_cpu_state(trainer.defense))
-
+    task = _MemberTask(trainer=trainer, teacher=teacher, x_train=x_train, y_train=y_train, x_val=x_val, y_val=y_val,
+                       device=device, generator=generator)
+    res = fit(task, epochs=cfg.epochs, steps_per_epoch=task.steps, resume_path=resume_path,
+              settings={"config": cfg.to_dict(), **(settings or {})}, patience=cfg.effective_patience, desc=desc,
+              on_epoch=on_epoch)
+    return MemberResult(defense_state=res.best["defense"], clone_state=res.best["clone"],
+                        best_val_accuracy=res.best_val_accuracy, best_epoch=res.best_epoch, epochs_run=res.epochs_run,
+                        history=res.history, seconds=res.seconds, last_defense_state=cpu_state(trainer.defense))
