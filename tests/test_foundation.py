@@ -28,7 +28,7 @@ def test_digits_victim_reaches_95_percent(digits_victim):
     assert res["test_accuracy"] >= 0.95
     for f in ("model.safetensors", "model.json", "result.json", "history.json"):
         assert (out / f).exists()
-    assert not (out / "resume.pt").exists()
+    assert not (out / "resume.safetensors").exists()
     side = json.loads((out / "model.json").read_text())
     assert side["dataset"] == "digits" and side["arch"] == "lenet5" and len(side["sha256"]) == 64
     assert side["input_shape"] == [1, 32, 32] and side["num_classes"] == 10
@@ -97,7 +97,7 @@ def test_resume_after_interrupt_gives_the_same_model(tmp_path, monkeypatch):
     monkeypatch.setattr(tr, "predict_probs", interrupt_after_two_epochs)
     with pytest.raises(KeyboardInterrupt):
         train_victim(out=tmp_path / "resumed", **kw)
-    assert (tmp_path / "resumed" / "resume.pt").exists()
+    assert (tmp_path / "resumed" / "resume.safetensors").exists()
     monkeypatch.setattr(tr, "predict_probs", real)
     train_victim(out=tmp_path / "resumed", **kw)
     assert (tmp_path / "full" / "model.safetensors").read_bytes() == (

@@ -97,8 +97,23 @@ def decode_resume_state(blob: bytes, *, where: str) -> dict[str, Any]:
     return state
 
 
+def flat_settings(settings: dict[str, Any], *, prefix: str = "") -> dict[str, Any]:
+    """Nested dicts flattened to dotted keys, so that a refusal names the one setting that differs.
+
+    Example: ``{"recipe": {"lr": 0.1}}`` -> ``{"recipe.lr": 0.1}``.
+    """
+    out: dict[str, Any] = {}
+    for k, v in settings.items():
+        if isinstance(v, dict) and v:
+            out.update(flat_settings(v, prefix=f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
 def claim_run_dir(out: str | Path, settings: dict[str, Any], *, force: bool, command: str) -> bool:
-    """Claim ``out`` for a run with ``settings`` (:func:`misleader.fingerprint.claim_out_dir`).
+    """Claim ``out`` for a run with ``settings`` (:func:`misleader.fingerprint.claim_out_dir`, on
+    :func:`flat_settings`).
 
     Same settings: resume (returns True). Other settings: a one-line :class:`MisleaderError`, or
     with ``force`` a fresh start. ``force`` always starts over, also with the same settings (so it
@@ -106,7 +121,7 @@ def claim_run_dir(out: str | Path, settings: dict[str, Any], *, force: bool, com
     """
     from misleader.fingerprint import FINGERPRINT_FILE, claim_out_dir
 
-    resumed = claim_out_dir(out, settings, force=force, command=command)
+    resumed = claim_out_dir(out, flat_settings(settings), force=force, command=command)
     if force and resumed:
         for child in Path(out).iterdir():
             if child.name == FINGERPRINT_FILE:
@@ -141,4 +156,4 @@ def load_resume_state(path: str | Path) -> dict[str, Any] | None:
     return decode_resume_state(blob, where=str(path))
 
 
-__all__ = ["claim_run_dir", "decode_resume_state", "encode_resume_state", "load_resume_state", "save_resume_state"]
+__all__ = ["claim_run_dir", "flat_settings", "decode_resume_state", "encode_resume_state", "load_resume_state", "save_resume_state"]

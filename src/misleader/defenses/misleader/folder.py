@@ -22,7 +22,7 @@ from misleader.errors import MisleaderError
 from misleader.fingerprint import FINGERPRINT_FILE, settings_fingerprint
 from misleader.models import MODELS, Classifier, create_model
 from misleader.training.checkpoint import load_model, read_sidecar, save_model
-from misleader.training.resume import claim_run_dir
+from misleader.training.resume import claim_run_dir, flat_settings
 from misleader.utils import derive_seed, environment, make_generator, read_json, resolve_device, write_json
 
 log = logging.getLogger(__name__)
@@ -282,8 +282,9 @@ def defend_misleader(
         plan = {"names": names, "archs": archs, "epochs": epochs, "seed": seed, "preset": preset_name,
                 "victim": str(victim_dir), "victim_sha256": sha, "configs": [c.to_dict() for c in configs],
                 "generator_samples": generator_samples}
-        settings = {"defense": "misleader", **{k: v for k, v in plan.items() if k != "victim"}}
-        _adopt_published_members(out, settings)
+        settings = {"defense": "misleader", **{k: v for k, v in plan.items() if k not in ("victim", "configs")},
+                    "members": {n: c.to_dict() for n, c in zip(names, configs)}}
+        _adopt_published_members(out, flat_settings(settings))
         claim_run_dir(out, settings, force=force, command="misleader defend misleader")
     data, splits = load_target_data(vmeta, data_dir=data_dir)
 
