@@ -28,9 +28,11 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from misleader.errors import MisleaderError
-from misleader.utils import atomic_write_bytes
+from misleader.utils import atomic_write_bytes, write_json
 
 META_KEY = "misleader_resume"
+#: what :func:`misleader.experiments.runner.execute_stage` writes into a run folder before the API runs
+RUNNER_FILES = frozenset({"config.yaml", "env.json", "error.txt"})
 _MARKERS = ("__tensor__", "__tuple__", "__items__")
 
 
@@ -118,10 +120,18 @@ def claim_run_dir(out: str | Path, settings: dict[str, Any], *, force: bool, com
     Same settings: resume (returns True). Other settings: a one-line :class:`MisleaderError`, or
     with ``force`` a fresh start. ``force`` always starts over, also with the same settings (so it
     also gets past an unreadable resume file): everything in ``out`` but the fingerprint is deleted.
+    A folder that holds only the experiment runner's bookkeeping (:data:`RUNNER_FILES`) counts as new.
     """
-    from misleader.fingerprint import FINGERPRINT_FILE, claim_out_dir
+    from misleader.fingerprint import FINGERPRINT_FILE, check_out_dir, claim_out_dir, settings_fingerprint
 
-    resumed = claim_out_dir(out, flat_settings(settings), force=force, command=command)
+    flat = flat_settings(settings)
+    out = check_out_dir(out)
+    if out.is_dir() and not (out / FINGERPRINT_FILE).exists() and any(out.iterdir()) and all(
+            p.name in RUNNER_FILES and p.is_file() for p in out.iterdir()):
+        # a run folder of `misleader run` before its API started: fresh, claimed for these settings
+        write_json(out / FINGERPRINT_FILE, {"fingerprint": settings_fingerprint(flat), "settings": flat})
+        return False
+    resumed = claim_out_dir(out, flat, force=force, command=command)
     if force and resumed:
         for child in Path(out).iterdir():
             if child.name == FINGERPRINT_FILE:
