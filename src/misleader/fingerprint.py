@@ -45,7 +45,8 @@ def check_out_dir(out: str | Path) -> Path:
     """Make sure ``out`` can be an output folder (creating it), else raise a one-line error.
 
     Refused: an existing file, a path under a file, a folder that cannot be created or written
-    (read-only, ``/proc/...``). Checked by creating the folder and a probe file, before any work.
+    (read-only, ``/proc/...``). Checked with a probe file in ``out`` or its nearest existing parent (nothing is
+    created), before any work.
     """
     import os
     import tempfile
@@ -59,8 +60,7 @@ def check_out_dir(out: str | Path) -> Path:
     if not parent.is_dir():
         raise MisleaderError(f"--out {out} lies under {parent}, which is a file: pass a folder path")
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(dir=out, prefix=".write-probe-")
+        fd, probe = tempfile.mkstemp(dir=parent, prefix=".write-probe-")
         os.close(fd)
         os.unlink(probe)
     except OSError as exc:

@@ -136,9 +136,10 @@ def run_attack(
     settings = {"attack": name, "target": str(parsed.folder), "target_sha256": _target_digest(parsed.folder),
                 "budget": int(budget), "clone_arch": clone_arch, "labels": labels, "pool": pool,
                 "options": options or {}, "seed": int(seed), "eval_every": eval_every}
-    if claim_out_dir(out, settings, force=force, command="misleader attack") and (out / "result.json").exists():
-        log.info("%s already holds this finished attack; pass --force to run again", out)
-        return read_json(out / "result.json")
+    if out.is_dir() and any(out.iterdir()):  # an earlier run (or a foreign folder): decide before any work
+        if claim_out_dir(out, settings, force=force, command="misleader attack") and (out / "result.json").exists():
+            log.info("%s already holds this finished attack; pass --force to run again", out)
+            return read_json(out / "result.json")
     dev = resolve_device(device)
     gen = seed_everything(seed)
     t_start = time.perf_counter()
@@ -179,6 +180,7 @@ def run_attack(
     elif pool is not None:
         log.warning("attack %s uses no pool; ignoring pool=%r", name, pool)
 
+    claim_out_dir(out, settings, force=force, command="misleader attack")  # user errors above leave no folder
     with forked_rng(gen, torch.device("cpu")):
         clone = create_model(clone_arch, in_channels=shape[0], num_classes=k, mean=[0.5] * shape[0],
                              std=[0.5] * shape[0])
