@@ -56,15 +56,29 @@ class Pipeline:
         return any(s.stochastic for s in self.__steps)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self._run(x, None)
+
+    def trace(self, x: torch.Tensor) -> list[tuple[Step, torch.Tensor, torch.Tensor]]:
+        """Run ``x`` and return ``(step, input, output)`` for every step (tests and diagnostics only)."""
+        record: list[tuple[Step, torch.Tensor, torch.Tensor]] = []
+        self._run(x, record)
+        return record
+
+    def _run(self, x: torch.Tensor, record: list | None) -> torch.Tensor:
         x0 = x
         for s in self.__inputs:
-            x = s(x)
+            y = s(x)
+            if record is not None:
+                record.append((s, x, y))
+            x = y
         p = self.__backend(x).float()
+        if record is not None:
+            record.append((self.__backend, x, p))
         for s in self.__after:
-            if isinstance(s, GateStep):
-                p = _apply_gate(s, p, x0)
-            elif isinstance(s, OutputStep):
-                p = s(p, x0).float()
+            q = _apply_gate(s, p, x0) if isinstance(s, GateStep) else s(p, x0).float()
+            if record is not None:
+                record.append((s, p, q))
+            p = q
         return p
 
     def to_manifest(self) -> list[dict[str, Any]]:
