@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -150,3 +151,49 @@ def test_cli(tiny_victim, tmp_path, capsys):
     rc = main(["-q", "attack", "knockoff", "--target", str(tiny_victim), "--budget", "5", "--clone-arch",
                "lenet5_fifth", "--out", str(tmp_path / "bad"), "-o", "strategy=greedy", "--device", "cpu"])
     assert rc == 2 and "strategy" in capsys.readouterr().err
+
+
+def test_out_is_checked_before_the_attack_runs(tiny_victim, tmp_path, monkeypatch):
+    import os
+
+    ran = []
+    monkeypatch.setattr(KnockoffNets, "run", lambda *a, **k: ran.append(1))
+    kw = dict(target=tiny_victim, budget=10, clone_arch="lenet5_fifth", device="cpu", options={"epochs": 0})
+    (tmp_path / "file").write_text("x")
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    os.chmod(ro, 0o500)
+    bad = {tmp_path / "file": "existing file", tmp_path / "file" / "sub": "under", Path("/proc/foo"): "cannot be written"}
+    if os.geteuid() != 0:  # root writes anywhere
+        bad[ro / "out"] = "cannot be written"
+    for out, match in bad.items():
+        with pytest.raises(MisleaderError, match=match):
+            run_attack("knockoff", out=out, **kw)
+    assert not ran
+
+
+def test_rerun_resumes_only_with_the_same_settings(tiny_victim, tmp_path):
+    kw = dict(target=tiny_victim, clone_arch="lenet5_fifth", device="cpu", options={"epochs": 0}, out=tmp_path / "a")
+    first = run_attack("knockoff", budget=20, **kw)
+    assert run_attack("knockoff", budget=20, **kw) == first  # finished, same settings: the stored result
+    with pytest.raises(MisleaderError, match="budget: stored 20, requested 30"):
+        run_attack("knockoff", budget=30, **kw)
+    assert run_attack("knockoff", budget=30, force=True, **kw)["budget"] == 30
+    (tmp_path / "foreign").mkdir()
+    (tmp_path / "foreign" / "notes.txt").write_text("mine")
+    with pytest.raises(MisleaderError, match="not written by"):
+        run_attack("knockoff", budget=20, **{**kw, "out": tmp_path / "foreign"}, force=True)
+    assert (tmp_path / "foreign" / "notes.txt").read_text() == "mine"
+
+
+def test_pool_choice_sees_only_public_metadata(tiny_victim, tmp_path, monkeypatch):
+    seen = []
+
+    def spy(cls, meta):  # noqa: ANN001
+        seen.append(dict(meta))
+        return "attacker"
+
+    monkeypatch.setattr(KnockoffNets, "choose_pool", classmethod(spy))
+    run_attack("knockoff", target=tiny_victim, budget=10, clone_arch="lenet5_fifth", out=tmp_path / "p",
+               device="cpu", options={"epochs": 0})
+    assert seen == [{"dataset": "digits", "input_shape": [1, 32, 32], "num_classes": 10}]

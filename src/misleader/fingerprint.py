@@ -42,19 +42,30 @@ def _first_difference(old: dict[str, Any], new: dict[str, Any]) -> str:
 
 
 def check_out_dir(out: str | Path) -> Path:
-    """Raise a one-line error when ``out`` cannot be an output folder (a file, under a file, read-only)."""
+    """Make sure ``out`` can be an output folder (creating it), else raise a one-line error.
+
+    Refused: an existing file, a path under a file, a folder that cannot be created or written
+    (read-only, ``/proc/...``). Checked with a probe file in ``out`` or its nearest existing parent (nothing is
+    created), before any work.
+    """
+    import os
+    import tempfile
+
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise MisleaderError(f"--out {out} is an existing file, not a folder: pass a folder path")
     parent = out
-    while not parent.exists():
+    while not parent.exists() and parent != parent.parent:
         parent = parent.parent
     if not parent.is_dir():
         raise MisleaderError(f"--out {out} lies under {parent}, which is a file: pass a folder path")
-    import os
-
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise MisleaderError(f"--out {out}: {parent} is not writable: pass a folder you can write to")
+    try:
+        fd, probe = tempfile.mkstemp(dir=parent, prefix=".write-probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise MisleaderError(f"--out {out} cannot be written ({exc.strerror or exc}): pass a folder you can "
+                             "write to") from None
     return out
 
 

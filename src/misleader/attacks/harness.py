@@ -5,14 +5,21 @@
 1. open the target (:func:`misleader.oracle.load.describe_target`) and its dataset and split;
 2. compute the target's answers on the test set *once*, through an unbudgeted oracle that the
    attacker never sees (harness-side evaluation, not counted against the budget);
-3. build the attacker's oracle (``load_oracle(target, output=..., budget=budget)``), the clone
+3. build the attacker's oracle (``open_accounted(target, output=..., budget=budget)``), the clone
    (``create_model(clone_arch, ...)`` with mean/std 0.5: the attacker's own guess, it does not know the
    victim's normalisation) and, for attacks with ``needs_pool``, the pool
    (:func:`misleader.attacks.pools.load_pool`, handed over with ``attack.prepare(pool_x=, pool_y=)``);
-4. run the attack with an ``evaluate(clone)`` callback (test accuracy and fidelity, for the history
-   only) and check the accounting: ``oracle.queries_used <= budget`` and ``== result.queries_used``;
+4. run the attack on a *sealed* view of the oracle (:class:`~misleader.oracle.base.SealedOracle`:
+   nothing settable, no reset) with an ``evaluate(clone)`` callback (test accuracy and fidelity, for
+   the history only), and check the accounting on the accountant that only the harness holds
+   (:func:`~misleader.oracle.load.open_accounted`): ``used <= budget`` and ``== result.queries_used``;
 5. write ``clone.safetensors`` + ``clone.json``, ``history.json`` and, last and atomically,
-   ``result.json``. A folder with a ``result.json`` is finished: calling again returns it.
+   ``result.json``. ``out`` is claimed first (:func:`misleader.fingerprint.claim_out_dir`, before any
+   work): a folder with a ``result.json`` and the same settings fingerprint is finished and calling
+   again returns it; other settings are a one-line error unless ``force``.
+
+The pool choice (:meth:`~misleader.attacks.base.Attack.choose_pool`) and ``attack.adapt_to_target``
+see only the public metadata ``{dataset, input_shape, num_classes}``, never the defense's manifest.
 
 ``result.json`` keys: ``clone_accuracy`` (the final clone), ``clone_accuracy_best`` (the best over the
 history's evaluations: test-set selection, for comparison with papers only), ``fidelity`` (top-1
@@ -73,6 +80,7 @@ def run_attack(
     pool: str | None = None,
     options: dict | None = None,
     eval_every: int | None = None,
+    force: bool = False,
 ) -> dict:
     """Attack ``target`` with ``name`` and write the attack folder ``out``.
 
@@ -81,7 +89,8 @@ def run_attack(
         target: victim folder (``model.json``) or defense folder (``manifest.json``).
         budget: the most queries the attacker may make.
         clone_arch: architecture of the clone (a registered model name).
-        out: output folder; if it already holds ``result.json`` that result is returned (no rerun).
+        out: output folder; if it already holds ``result.json`` written with the same settings, that
+            result is returned (no rerun); other settings: an error unless ``force``.
         data_dir: dataset root (default ``$MISLEADER_DATA`` or ``./data``).
         seed: seeds everything (clone init, pool sampling, training order).
         device: ``auto``, ``cpu`` or ``cuda``.
@@ -90,6 +99,7 @@ def run_attack(
             default: the attack's :meth:`~misleader.attacks.base.Attack.choose_pool`.
         options: the attack's constructor keyword arguments (e.g. ``{"strategy": "adaptive"}``).
         eval_every: evaluate the clone every this many queries (attacks that train while querying).
+        force: start over when ``out`` holds a run with other settings.
 
     Returns:
         The ``result.json`` dict.
@@ -97,21 +107,20 @@ def run_attack(
     Raises:
         MisleaderError: unknown attack/architecture/options, labels mode the attack cannot use, missing data.
     """
-    out = Path(out)
-    if (out / "result.json").exists():
-        log.info("%s already holds a finished attack; delete it to run again", out)
-        return read_json(out / "result.json")
     from misleader.attacks.pools import load_pool
+    from misleader.fingerprint import check_out_dir, claim_out_dir
     from misleader.models import MODELS, create_model
-    from misleader.oracle.load import describe_target, load_oracle
+    from misleader.oracle.load import load_oracle, open_accounted
+    from misleader.oracle.manifest import read_target
     from misleader.training.checkpoint import save_model
     from misleader.training.evaluate import predict_probs, query_all
     from misleader.training.victim import load_target_data
 
     if labels not in LABEL_MODES:
         raise MisleaderError(f"labels must be soft or hard, got {labels!r}")
-    if budget < 1:
-        raise MisleaderError(f"budget must be >= 1, got {budget}")
+    if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
+        raise MisleaderError(f"budget must be an integer >= 1, got {budget!r}")
+    out = check_out_dir(out)
     attack = make_attack(name, options)
     output = LABEL_MODES[labels]
     if output not in attack.requires:
@@ -119,9 +128,18 @@ def run_attack(
         raise MisleaderError(f"attack {name!r} cannot work with {labels} labels: use --labels {ok}")
     MODELS.get(clone_arch)  # fail fast on an unknown architecture
     target = Path(target)
-    meta = describe_target(target)
-    if "dataset" not in meta:
+    parsed = read_target(target)
+    meta = parsed.meta
+    if not isinstance(meta.get("dataset"), str):
         raise MisleaderError(f"{target}: the folder's metadata names no dataset; re-create it with train-victim/defend")
+    public_meta = parsed.public_meta()  # all the pool choice and adapt_to_target may see
+    settings = {"attack": name, "target": str(parsed.folder), "target_sha256": _target_digest(parsed.folder),
+                "budget": int(budget), "clone_arch": clone_arch, "labels": labels, "pool": pool,
+                "options": options or {}, "seed": int(seed), "eval_every": eval_every}
+    if out.is_dir() and any(out.iterdir()):  # an earlier run (or a foreign folder): decide before any work
+        if claim_out_dir(out, settings, force=force, command="misleader attack") and (out / "result.json").exists():
+            log.info("%s already holds this finished attack; pass --force to run again", out)
+            return read_json(out / "result.json")
     dev = resolve_device(device)
     gen = seed_everything(seed)
     t_start = time.perf_counter()
@@ -142,7 +160,7 @@ def run_attack(
     def measure(clone: torch.nn.Module) -> dict[str, float]:
         nonlocal eval_seconds, eval_cpu
         t0, c0 = time.perf_counter(), time.process_time()
-        pred = predict_probs(clone, x_test, device=dev).argmax(1)
+        pred = predict_probs(clone, x_test, device=dev, amp=False).argmax(1)  # float32, as the referee
         res = {"clone_accuracy": accuracy(pred, data.y_test), "fidelity": fidelity(pred, target_pred)}
         eval_seconds += time.perf_counter() - t0
         eval_cpu += time.process_time() - c0
@@ -156,27 +174,28 @@ def run_attack(
 
     pool_spec = None
     if attack.needs_pool:
-        pool_spec = pool or attack.choose_pool(meta)
+        pool_spec = pool or attack.choose_pool(dict(public_meta))
         pool_x, pool_y = load_pool(pool_spec, target_meta=meta, data_dir=data_dir, target_data=(data, splits))
         attack.prepare(pool_x=pool_x, pool_y=pool_y)
     elif pool is not None:
         log.warning("attack %s uses no pool; ignoring pool=%r", name, pool)
 
+    claim_out_dir(out, settings, force=force, command="misleader attack")  # user errors above leave no folder
     with forked_rng(gen, torch.device("cpu")):
         clone = create_model(clone_arch, in_channels=shape[0], num_classes=k, mean=[0.5] * shape[0],
                              std=[0.5] * shape[0])
-    oracle = load_oracle(target, output=output, budget=budget, device=dev)
+    oracle, accountant = open_accounted(target, output=output, budget=budget, device=dev)
     bar = progress(total=budget, desc=f"{name} queries", unit="q")
-    oracle.on_query = bar.update
+    accountant.on_query = bar.update
     log.info("attack %s on %s (%s, %s labels), budget %d, clone %s", name, target, meta["kind"], labels, budget,
              clone_arch)
     cpu0 = time.process_time()
-    result = attack.run(oracle, budget=budget, clone=clone, generator=gen, device=dev, evaluate=evaluate,
+    result = attack.run(oracle.sealed(), budget=budget, clone=clone, generator=gen, device=dev, evaluate=evaluate,
                         eval_every=eval_every)
     cpu_seconds = time.process_time() - cpu0 - eval_cpu
     bar.close()
-    if oracle.queries_used > budget or oracle.queries_used != result.queries_used:
-        raise RuntimeError(f"attack {name!r} broke the query accounting: oracle counted {oracle.queries_used}, "
+    if accountant.used > budget or accountant.used != result.queries_used:
+        raise RuntimeError(f"attack {name!r} broke the query accounting: oracle counted {accountant.used}, "
                            f"the attack reported {result.queries_used}, budget {budget}")
     attack_seconds = result.seconds - eval_seconds
 
@@ -232,6 +251,16 @@ def run_attack(
     log.info("%s: clone accuracy %.4f (best %.4f), fidelity %.4f, %d queries, %.1fs", name,
              res["clone_accuracy"], best, res["fidelity"], res["queries_used"], attack_seconds)
     return res
+
+
+def _target_digest(folder: Path) -> str:
+    """sha256 of a target's manifest or sidecar: a re-created target is another target."""
+    import hashlib
+
+    from misleader.oracle.manifest import check_regular_file
+
+    f = folder / "manifest.json" if (folder / "manifest.json").exists() else folder / "model.json"
+    return hashlib.sha256(check_regular_file(f).read_bytes()).hexdigest()
 
 
 def merge_history(attack_rows: list[dict[str, Any]], eval_rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

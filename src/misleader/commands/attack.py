@@ -10,7 +10,12 @@ from misleader.commands.common import add_common, positive_int
 
 log = logging.getLogger(__name__)
 
-KNOWN = "knockoff, dfme, dfms-hl"
+
+def _attack_names() -> list[str]:
+    import misleader.attacks  # noqa: F401  (registers every attack)
+    from misleader.attacks.base import ATTACKS
+
+    return ATTACKS.names()
 
 
 def parse_option(s: str) -> tuple[str, object]:
@@ -32,11 +37,13 @@ def add_parser(sub) -> None:  # noqa: ANN001
         description="Extract a victim or defense folder through a counting oracle and report the clone's test "
                     "accuracy (final and best-over-evaluations) and fidelity. Attack options are the attack's "
                     "constructor arguments, e.g. -o strategy=adaptive -o epochs=20 for knockoff.")
-    p.add_argument("attack", help=f"attack name ({KNOWN})")
+    p.add_argument("attack", choices=_attack_names(), help="attack name (from the attack registry)")
     p.add_argument("--target", required=True, help="victim folder (train-victim) or defense folder (defend)")
     p.add_argument("--budget", type=positive_int, required=True, help="query budget (rows answered by the oracle)")
     p.add_argument("--clone-arch", required=True, help="clone architecture, e.g. lenet5 (see `misleader models`)")
-    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--out", required=True, help="output folder (checked writable before the attack runs)")
+    p.add_argument("--force", action="store_true",
+                   help="start over when --out holds an attack run with other settings")
     p.add_argument("--pool", default=None,
                    help="attacker data for knockoff / dfms-hl: attacker (the target's in-distribution attacker split, "
                         "knockoff's default), a dataset name (e.g. fashion-mnist), cifar10-subset, or npz:PATH")
@@ -56,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
     result = run_attack(args.attack, target=args.target, budget=args.budget, clone_arch=args.clone_arch,
                         out=args.out, data_dir=args.data_dir, seed=args.seed, device=args.device,
                         labels=args.labels, pool=args.pool, options=dict(args.option) or None,
-                        eval_every=args.eval_every)
+                        eval_every=args.eval_every, force=args.force)
     keys = ("attack", "labels", "pool", "target_kind", "clone_accuracy", "clone_accuracy_best", "fidelity",
             "queries_used", "budget", "target_test_accuracy", "victim_test_accuracy", "seconds")
     print(json.dumps({k: result[k] for k in keys if k in result}, indent=2))

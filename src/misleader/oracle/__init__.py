@@ -1,7 +1,9 @@
 """The query interface every attack goes through."""
 
-from misleader.oracle.base import OUTPUT_MODES, EnsembleOracle, ModelOracle, Oracle, OutputMode, soft_vote
-from misleader.oracle.load import describe_target, load_members, load_oracle
+from misleader.oracle import backends  # noqa: F401  (registers the model and ensemble backend steps)
+from misleader.oracle.base import (OUTPUT_MODES, Accountant, EnsembleOracle, ModelOracle, Oracle, OutputMode,
+                                   SealedOracle, soft_vote)
+from misleader.oracle.load import describe_target, load_members, load_oracle, open_accounted, public_meta
 
-__all__ = ["OUTPUT_MODES", "EnsembleOracle", "ModelOracle", "Oracle", "OutputMode", "soft_vote", "describe_target",
-           "load_members", "load_oracle"]
+__all__ = ["OUTPUT_MODES", "Accountant", "EnsembleOracle", "ModelOracle", "Oracle", "OutputMode", "SealedOracle",
+           "soft_vote", "describe_target", "load_members", "load_oracle", "open_accounted", "public_meta"]

@@ -1,8 +1,11 @@
-"""``load_oracle(DIR)``: open a victim folder or a defense folder as an oracle.
+"""``load_oracle(DIR)``: open a victim folder or a defense folder (format 1 or 2) as an oracle.
 
-* victim folder: ``model.json`` + ``model.safetensors`` -> :class:`ModelOracle`.
-* defense folder: ``manifest.json`` listing member checkpoints (paths relative to the folder) and
-  how to combine them (``"combine": "mean_softmax"``, optional ``"weights"``) -> :class:`EnsembleOracle`.
+Every folder is served by a :class:`~misleader.oracle.pipeline.Pipeline` read by
+:func:`~misleader.oracle.manifest.read_target`: a victim folder is the one-step pipeline ``model``,
+a format-1 folder the ``ensemble`` backend over its members, a format-2 folder its ``steps``.
+
+:func:`open_accounted` is the harness's entry: it also returns the oracle's
+:class:`~misleader.oracle.base.Accountant`, the only handle on the true query count.
 """
 
 from __future__ import annotations
@@ -12,56 +15,63 @@ from typing import Any
 
 import torch
 
-from misleader.errors import MisleaderError
-from misleader.oracle.base import EnsembleOracle, ModelOracle, Oracle, OutputMode
-from misleader.training.checkpoint import load_model
-from misleader.utils import read_json, resolve_device
+from misleader.oracle.base import Accountant, Oracle, OutputMode, check_budget
+from misleader.oracle.manifest import read_target
+from misleader.utils import resolve_device
 
 
 def describe_target(path: str | Path) -> dict[str, Any]:
     """Metadata of a victim or defense folder: ``kind``, ``dataset``, ``num_classes``, ``input_shape``, ..."""
-    path = Path(path)
-    if (path / "manifest.json").exists():
-        m = read_json(path / "manifest.json")
-        m.setdefault("kind", "defense")
-        return m
-    if (path / "model.json").exists():
-        m = read_json(path / "model.json")
-        m["kind"] = "victim"
-        return m
-    raise MisleaderError(f"{path} is neither a victim folder (model.json) nor a defense folder (manifest.json): "
-                         "pass a folder written by `misleader train-victim` or `misleader defend`")
+    return read_target(path).meta
+
+
+def public_meta(path: str | Path) -> dict[str, Any]:
+    """``{dataset, input_shape, num_classes}`` of a target: all an attacker's pool choice may see."""
+    return read_target(path).public_meta()
 
 
 def load_members(path: str | Path, *, device: torch.device | str = "cpu") -> list[torch.nn.Module]:
-    """The member models of a defense folder (for harness-side evaluation, never for attacks)."""
-    path = Path(path)
-    manifest = describe_target(path)
-    if manifest["kind"] == "victim":
-        return [load_model(path, device=device)[0]]
-    return [load_model(path / m["checkpoint"], device=device)[0] for m in manifest["members"]]
+    """The models of a target folder (for harness-side inspection, never for attacks)."""
+    from misleader.oracle.pipeline import model_loader
+
+    t = read_target(path)
+    load = model_loader(t, device=torch.device(device))
+    return [load(n) for n in t.models]
 
 
-def load_oracle(path: str | Path, *, output: OutputMode = "probs", budget: int | None = None,
-                device: str | torch.device = "cpu") -> Oracle:
-    """Open ``path`` (victim or defense folder) as an oracle.
+def open_accounted(path: str | Path, *, output: OutputMode = "probs", budget: int | None = None,
+                   device: str | torch.device = "cpu") -> tuple[Oracle, Accountant]:
+    """Open ``path`` as an oracle and return it with its accountant (for the attack harness only).
 
     Args:
         path: folder written by ``train-victim`` or ``defend``.
         output: ``"probs"`` or ``"labels"``.
-        budget: query budget (``None``: unlimited).
+        budget: query budget, a non-negative int (``None``: unlimited).
+        device: where the models run (``auto``, ``cpu``, ``cuda``).
+    """
+    import misleader.defenses  # noqa: F401  (registers every defense's steps)
+    from misleader.oracle.pipeline import PipelineOracle, build_pipeline
+
+    acct = Accountant(check_budget(budget))
+    dev = resolve_device(device)
+    target = read_target(path)
+    pipeline = build_pipeline(target, device=dev)
+    oracle = PipelineOracle(pipeline, num_classes=target.num_classes, input_shape=target.input_shape,
+                            output=output, device=dev, accountant=acct)
+    return oracle, acct
+
+
+def load_oracle(path: str | Path, *, output: OutputMode = "probs", budget: int | None = None,
+                device: str | torch.device = "cpu") -> Oracle:
+    """Open ``path`` (victim or defense folder) as an oracle (``budget``, count: read-only).
+
+    Args:
+        path: folder written by ``train-victim`` or ``defend``.
+        output: ``"probs"`` or ``"labels"``.
+        budget: query budget, a non-negative int (``None``: unlimited).
         device: where the model runs (``auto``, ``cpu``, ``cuda``).
     """
-    path = Path(path)
-    dev = resolve_device(device)
-    meta = describe_target(path)
-    shape, k = meta["input_shape"], int(meta["num_classes"])
-    if meta["kind"] == "victim":
-        model, _ = load_model(path, device=dev)
-        return ModelOracle(model, num_classes=k, input_shape=shape, output=output, budget=budget, device=dev)
-    combine = meta.get("combine", "mean_softmax")
-    if combine != "mean_softmax":
-        raise MisleaderError(f"{path}/manifest.json: unknown combine {combine!r} (this version knows mean_softmax)")
-    members = load_members(path, device=dev)
-    return EnsembleOracle(members, num_classes=k, input_shape=shape, weights=meta.get("weights"), output=output,
-                          budget=budget, device=dev)
+    return open_accounted(path, output=output, budget=budget, device=device)[0]
+
+
+__all__ = ["describe_target", "load_members", "load_oracle", "open_accounted", "public_meta"]

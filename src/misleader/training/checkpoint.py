@@ -80,28 +80,53 @@ def _sidecar_path(path: Path) -> Path:
     return path
 
 
-def load_model(path: str | Path, *, device: torch.device | str = "cpu") -> tuple[Classifier, dict[str, Any]]:
+def load_model(path: str | Path, *, device: torch.device | str = "cpu",
+               expect_sha256: str | None = None) -> tuple[Classifier, dict[str, Any]]:
     """Rebuild a model from a checkpoint folder or file, verifying the weights' sha256.
 
+    The sidecar must name its weights file inside its own folder and record its sha256 (a sidecar
+    without one is refused, never loaded unchecked); both files must be regular files.
+
+    Args:
+        expect_sha256: the weights' sha256 recorded elsewhere (a manifest); must equal the sidecar's.
+
     Raises:
-        MisleaderError: missing files, sha256 mismatch (corrupted), or weights that do not fit the arch.
+        MisleaderError: missing files, wrong sidecar types, sha256 missing or mismatched (corrupted),
+            or weights that do not fit the arch.
     """
+    from misleader.oracle.manifest import check_regular_file, check_shape_classes, read_json_file
+
     side_path = _sidecar_path(Path(path))
-    meta = read_json(side_path)
-    weights = side_path.parent / meta.get("weights", side_path.with_suffix(".safetensors").name)
+    meta = read_json_file(side_path, what="checkpoint sidecar")
+    if not isinstance(meta, dict):
+        raise MisleaderError(f"checkpoint sidecar {side_path} is not a JSON object: re-create the checkpoint")
+    k, shape = check_shape_classes(meta, side_path)
+    name = meta.get("weights", side_path.with_suffix(".safetensors").name)
+    if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
+        raise MisleaderError(f"checkpoint sidecar {side_path}: 'weights' must be a file name in its folder, "
+                             f"got {name!r}: re-create the checkpoint")
+    recorded = meta.get("sha256")
+    if not isinstance(recorded, str) or not recorded:
+        raise MisleaderError(f"checkpoint sidecar {side_path} records no sha256 of its weights, so they cannot be "
+                             "checked: re-create the checkpoint with the command that wrote it")
+    if expect_sha256 is not None and recorded != expect_sha256:
+        raise MisleaderError(f"checkpoint {side_path} is not the one the manifest names (sha256 {recorded[:12]}... "
+                             f"!= {expect_sha256[:12]}...): re-create the folder")
+    if not isinstance(meta.get("arch"), str):
+        raise MisleaderError(f"checkpoint sidecar {side_path}: 'arch' must be a model name: re-create the checkpoint")
+    weights = side_path.parent / name
     if not weights.exists():
         raise MisleaderError(f"weights file {weights} is missing: re-run the command that wrote {side_path.parent}")
-    blob = weights.read_bytes()
+    blob = check_regular_file(weights, what="weights file").read_bytes()
     digest = hashlib.sha256(blob).hexdigest()
-    if meta.get("sha256") and digest != meta["sha256"]:
+    if digest != recorded:
         raise MisleaderError(f"checkpoint {weights} is corrupted (sha256 {digest[:12]}... != recorded "
-                             f"{meta['sha256'][:12]}...): re-create it with the command that wrote it")
+                             f"{recorded[:12]}...): re-create it with the command that wrote it")
     try:
         state = st_load(blob)
     except (SafetensorError, Exception) as exc:  # noqa: BLE001 - any decode failure means corruption
         raise MisleaderError(f"checkpoint {weights} cannot be read ({exc}): re-create it") from None
-    shape = meta["input_shape"]
-    model = create_model(meta["arch"], in_channels=int(shape[0]), num_classes=int(meta["num_classes"]),
+    model = create_model(meta["arch"], in_channels=int(shape[0]), num_classes=k,
                          mean=meta.get("mean"), std=meta.get("std"))
     try:
         model.load_state_dict(state)
