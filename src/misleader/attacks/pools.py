@@ -148,7 +148,7 @@ def load_pool(
         name = spec
         if spec in ALIASES:
             name = "npz:" + str(resolve_data_dir(data_dir) / ALIASES[spec])
-        pool_data = load_dataset(name, data_dir=data_dir)
+        pool_data = load_dataset(name, data_dir=data_dir, any_size=True)
         x, y = pool_data.x_train, pool_data.y_train
     if len(x) == 0:
         raise MisleaderError(f"pool {spec!r} is empty: choose another pool")

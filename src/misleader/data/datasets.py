@@ -91,19 +91,22 @@ def resolve_data_dir(data_dir: str | os.PathLike | None) -> Path:
     return Path(env).expanduser() if env else Path("data")
 
 
-def load_dataset(name: str, *, data_dir: str | os.PathLike | None = None, download: bool = False) -> Dataset:
+def load_dataset(name: str, *, data_dir: str | os.PathLike | None = None, download: bool = False,
+                 any_size: bool = False) -> Dataset:
     """Load a dataset by name (``npz:PATH`` for a user's own arrays).
 
     Args:
         name: a registered dataset name or ``npz:PATH``.
         data_dir: root folder in torchvision layout (default ``$MISLEADER_DATA`` or ``./data``).
         download: fetch missing files (md5-checked) before loading; needs network access.
+        any_size: accept npz images of any size (attacker pools are resized to the target); by default
+            they must be 28x28 (zero-padded to 32x32) or 32x32, what the model zoo takes.
 
     Raises:
         MisleaderError: unknown name or missing / unreadable files (the message says how to fix it).
     """
     if name.startswith("npz:"):
-        return _load_npz(Path(name[4:]).expanduser(), name=name)
+        return _load_npz(Path(name[4:]).expanduser(), name=name, any_size=any_size)
     root = resolve_data_dir(data_dir)
     factory = DATASETS.get(name)
     if download and name != "digits":
@@ -395,7 +398,11 @@ def digits(*, root: Path | None = None) -> Dataset:  # noqa: ARG001 - embedded, 
                    class_names=[str(i) for i in range(10)])
 
 
-def _images_from_array(a: np.ndarray, *, path: Path, key: str) -> torch.Tensor:
+#: npz image sizes (H, W) a dataset may have: 28x28 is zero-padded to 32x32 like MNIST
+NPZ_SIZES = ((28, 28), (32, 32))
+
+
+def _images_from_array(a: np.ndarray, *, path: Path, key: str, any_size: bool = False) -> torch.Tensor:
     if a.dtype != np.uint8:
         if (not np.issubdtype(a.dtype, np.floating) or a.size == 0 or not np.isfinite(a).all()
                 or a.min() < 0 or a.max() > 1):
@@ -410,10 +417,17 @@ def _images_from_array(a: np.ndarray, *, path: Path, key: str) -> torch.Tensor:
         t = _to_nchw_uint8(a, layout="nchw")
     else:
         raise MisleaderError(f"{path}: {key} must have shape (N,H,W), (N,H,W,C) or (N,C,H,W), got {a.shape}")
-    return pad_to(t, 32) if t.shape[-1] == 28 else t
+    c, h, w = (int(v) for v in t.shape[1:])
+    if c not in (1, 3) or min(h, w) < 1:
+        raise MisleaderError(f"{path}: {key} images must have 1 or 3 channels, got shape {a.shape} "
+                             "(layouts: (N,H,W), (N,H,W,C) or (N,C,H,W))")
+    if not any_size and (h, w) not in NPZ_SIZES:
+        raise MisleaderError(f"{path}: {key} images are {h}x{w}; a dataset's images must be 28x28 or 32x32 "
+                             "(resize them before numpy.savez; pools of other sizes are resized automatically)")
+    return pad_to(t, 32) if (h, w) == (28, 28) else t
 
 
-def _load_npz(path: Path, *, name: str) -> Dataset:
+def _load_npz(path: Path, *, name: str, any_size: bool = False) -> Dataset:
     if not path.is_file():
         raise MisleaderError(f"npz dataset {path} not found: give an existing file as npz:PATH "
                              "(arrays x_train y_train x_test y_test)")
@@ -445,8 +459,8 @@ def _load_npz(path: Path, *, name: str) -> Dataset:
             n_x = len(arrays[f"x_{part}"])
             raise MisleaderError(f"{path}: x_{part} has {n_x} rows but y_{part} has {len(y)}")
         ys[part] = torch.from_numpy(y.astype(np.int64))
-    xtr = _images_from_array(arrays["x_train"], path=path, key="x_train")
-    xte = _images_from_array(arrays["x_test"], path=path, key="x_test")
+    xtr = _images_from_array(arrays["x_train"], path=path, key="x_train", any_size=any_size)
+    xte = _images_from_array(arrays["x_test"], path=path, key="x_test", any_size=any_size)
     if xtr.shape[1:] != xte.shape[1:]:
         raise MisleaderError(f"{path}: x_train images {tuple(xtr.shape[1:])} and x_test images "
                              f"{tuple(xte.shape[1:])} differ in shape")
