@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from misleader.defenses.base import DEFENSES, DefenseSpec, register_defense
 
@@ -23,6 +23,38 @@ def _misleader(**kwargs: Any) -> dict[str, Any]:
     from misleader.defenses.misleader import defend_misleader
 
     return defend_misleader(**kwargs)
+
+
+
+def _check_misleader(*, members: Sequence[str], epochs: int, preset: str | None = None,
+                     member_settings: Sequence[dict] | None = None, batch_size: int | None = None) -> None:
+    """Validate MISLEADER's spec settings without training (preset, member settings' names and types);
+    its keyword parameters are the settings a spec entry may give (:func:`misleader.experiments.spec.defense_params`)."""
+    import typing
+
+    from misleader.defenses.misleader import _ALIASES, MemberConfig, get_preset, member_config
+    from misleader.errors import MisleaderError
+    from misleader.experiments.spec import check_value
+
+    pre = get_preset(preset) if preset is not None else None
+    if member_settings is not None and len(member_settings) != len(members):
+        raise MisleaderError(f"member_settings has {len(member_settings)} entries for {len(members)} members: "
+                             "give one per member")
+    hints = typing.get_type_hints(MemberConfig)
+    for i, arch in enumerate(members):
+        overrides = {**(member_settings[i] if member_settings else {}),
+                     **({"batch_size": batch_size} if batch_size is not None else {})}
+        for key, value in overrides.items():  # types first: MemberConfig's own checks assume numbers
+            name = _ALIASES.get(key, key)
+            if name in hints and value is not None:
+                check_value(value, hints[name], f"member_settings[{i}].{name}")
+        try:
+            member_config(arch, epochs=epochs, preset=pre, overrides=overrides)
+        except ValueError as exc:
+            raise MisleaderError(f"member_settings[{i}]: {exc}") from None
+
+
+_misleader.check_params = _check_misleader  # type: ignore[attr-defined]  (spec validation, see experiments.spec)
 
 
 def defend_undefended(*, victim: str | Path, out: str | Path | None = None, **_: Any) -> dict[str, Any]:
