@@ -176,9 +176,14 @@ def test_npz_with_missing_array_raises(tmp_path):
         load_dataset(f"npz:{tmp_path / 'd.npz'}")
 
 
-@pytest.mark.parametrize("problem",
-                         ["truncated", "npy", "missing-file", "length", "float-range", "neg-label"])
-def test_npz_problems_raise(tmp_path, problem):
+@pytest.mark.parametrize("problem,match", [
+    ("truncated", "cannot read|corrupted"), ("npy", "single .npy"), ("missing-file", "not found"),
+    ("length", "rows but y_train has"), ("float-range", "uint8 or float in \\[0, 1\\]"),
+    ("neg-label", "integer labels >= 0"), ("int-pixels", "uint8 or float .* got int64"),
+    ("size-64", "64x64; a dataset's images must be 28x28 or 32x32"), ("channels-2", "1 or 3 channels"),
+    ("ndim-5", "must have shape"), ("shape-mismatch", "differ in shape"),
+])
+def test_npz_problems_raise(tmp_path, problem, match):
     path = tmp_path / "d.npz"
     arrays = _arrays()
     if problem == "length":
@@ -187,6 +192,16 @@ def test_npz_problems_raise(tmp_path, problem):
         arrays["x_train"] = arrays["x_train"].astype(np.float32)  # 0..255 floats, not [0, 1]
     elif problem == "neg-label":
         arrays["y_test"][0] = -1
+    elif problem == "int-pixels":
+        arrays["x_train"] = arrays["x_train"].astype(np.int64)
+    elif problem == "size-64":
+        arrays["x_train"] = np.zeros((20, 64, 64, 3), np.uint8)
+    elif problem == "channels-2":
+        arrays["x_train"] = np.zeros((20, 2, 32, 32), np.uint8)
+    elif problem == "ndim-5":
+        arrays["x_train"] = np.zeros((20, 1, 1, 32, 32), np.uint8)
+    elif problem == "shape-mismatch":
+        arrays["x_test"] = np.zeros((10, 32, 32, 3), np.uint8)
     np.savez(path, **arrays)
     if problem == "truncated":
         path.write_bytes(path.read_bytes()[:300])
@@ -196,8 +211,17 @@ def test_npz_problems_raise(tmp_path, problem):
         (tmp_path / "d.npy").rename(path)
     elif problem == "missing-file":
         path.unlink()
-    with pytest.raises(MisleaderError):
+    with pytest.raises(MisleaderError, match=match) as info:
         load_dataset(f"npz:{path}")
+    assert "\n" not in str(info.value)
+
+
+def test_npz_of_any_size_is_accepted_as_a_pool(tmp_path):
+    arrays = _arrays()
+    arrays["x_train"] = np.zeros((20, 64, 48, 3), np.uint8)
+    arrays["x_test"] = np.zeros((10, 64, 48, 3), np.uint8)
+    np.savez(tmp_path / "big.npz", **arrays)
+    assert load_dataset(f"npz:{tmp_path / 'big.npz'}", any_size=True).x_train.shape == (20, 3, 64, 48)
 
 
 def test_npz_layouts(tmp_path):

@@ -17,8 +17,6 @@ import yaml
 from misleader.experiments.runner import run_experiment
 from misleader.experiments.spec import expand, parse_spec
 
-pytest.importorskip("misleader.attacks.harness", reason="the attack harness (misleader.attacks.harness) is not there yet")
-
 REPO = Path(__file__).resolve().parents[1]
 
 TINY = {
@@ -265,7 +263,6 @@ def test_ray_executor_matches_local(local_run: Path, tmp_path: Path) -> None:
 
 
 def test_misleader_defense_stage(tmp_path: Path, one_thread) -> None:  # noqa: ANN001
-    pytest.importorskip("misleader.defenses.misleader", reason="the MISLEADER defense is not there yet")
     spec = json.loads(json.dumps(TINY))
     spec["defenses"] = [{"name": "misleader", "members": ["lenet5_fifth"], "epochs": 1, "preset": "digits-cpu"}]
     spec["attacks"] = spec["attacks"][:1]
@@ -279,11 +276,44 @@ def test_misleader_defense_stage(tmp_path: Path, one_thread) -> None:  # noqa: A
 
 
 def test_one_runner_per_output_folder(tmp_path: Path) -> None:
+    """A refused second run (another spec, same --out) leaves the first run's spec.yaml and index.json as they were."""
     import fcntl
 
     from misleader.errors import MisleaderError
 
+    (tmp_path / "spec.yaml").write_text("first run's spec\n")
+    (tmp_path / "index.json").write_text('{"first": true}\n')
+    other = json.loads(json.dumps(TINY)) | {"name": "another"}
     with open(tmp_path / ".runner.lock", "w") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         with pytest.raises(MisleaderError, match="another `misleader run` is writing"):
-            run_experiment(parse_spec(TINY), out=tmp_path)
+            run_experiment(parse_spec(other), out=tmp_path)
+    assert (tmp_path / "spec.yaml").read_text() == "first run's spec\n"
+    assert (tmp_path / "index.json").read_text() == '{"first": true}\n'
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".runner.lock", "index.json", "spec.yaml"]
+
+
+def test_dry_run_refuses_bad_settings_before_anything_trains(tmp_path: Path, capsys) -> None:  # noqa: ANN001
+    """`misleader run --dry-run` (and a real run) fail on settings the builders and attacks would refuse later."""
+    from misleader.cli import main
+
+    bad = {
+        "preset": lambda s: s["defenses"].append({"name": "misleader", "members": ["lenet5_fifth"], "epochs": 1,
+                                                  "preset": "no-such-preset"}),
+        "member_settings": lambda s: s["defenses"].append({"name": "misleader", "members": ["lenet5_fifth"],
+                                                           "epochs": 1, "member_settings": [{"lamda": 1}]}),
+        "pool": lambda s: s["attacks"][0].update(pool="cifar10-subsett"),
+        "dfme-hard": lambda s: s["attacks"].append({"name": "dfme", "labels": "hard", "budgets": [100]}),
+        "options-type": lambda s: s["attacks"][0]["options"].update(epochs="abc"),
+    }
+    for what, mutate in bad.items():
+        spec = json.loads(json.dumps(TINY))
+        mutate(spec)
+        path = tmp_path / f"{what}.yaml"
+        path.write_text(yaml.safe_dump(spec))
+        out = tmp_path / f"out-{what}"
+        for argv in (["run", str(path), "--out", str(out), "--dry-run"], ["run", str(path), "--out", str(out)]):
+            assert main(["-q", *argv]) == 2, what
+            err = capsys.readouterr().err.strip()
+            assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+        assert not out.exists(), what  # nothing trained, nothing written

@@ -131,6 +131,26 @@ def test_readable_id_prefixes() -> None:
         (lambda s: s["attacks"][1].update(labels="soft"), r"attack label 'knockoff' is already used"),
         (lambda s: s.pop("victim"), r"missing required key 'victim'"),
         (lambda s: s["victim"].update(split={"val_fraction": 0.5, "attacker_fraction": 0.45}), r"victim.split"),
+        (lambda s: s["victim"].update(lr=-0.1), r"victim.lr: must be >= 0"),
+        (lambda s: s["victim"].update(lr=0), r"victim.lr: must be a positive finite number"),
+        (lambda s: s["attacks"][0].update(options={"epochs": "abc"}),
+         r"attacks\[0\].options.epochs: expected int like the default 20, got 'abc'"),
+        (lambda s: s["attacks"][0].update(options={"lr": "fast"}), r"options.lr: expected float"),
+        (lambda s: s["attacks"][2].update(options={"preset": "gpu-huge"}), r"unknown dfme preset 'gpu-huge'"),
+        (lambda s: s["attacks"][2].update(labels="hard"), r"attacks\[2\].labels: attack 'dfme' cannot work with "
+                                                          r"hard labels: use soft"),
+        (lambda s: s["attacks"][2].update(pool="attacker"), r"attack 'dfme' uses no pool"),
+        (lambda s: s["attacks"][0].update(pool="atacker"), r"unknown pool 'atacker' \(did you mean 'attacker'"),
+        (lambda s: s["attacks"][0].update(pool="digits"), r"pool 'digits' is the victim's own dataset"),
+        (lambda s: s["defenses"][1].update(preset="mnist-gpu"), r"defenses\[1\]: unknown MISLEADER preset"),
+        (lambda s: s["defenses"][1].update(member_settings=[{"lamda": 1}, {}]),
+         r"defenses\[1\]: unknown member setting 'lamda'"),
+        (lambda s: s["defenses"][1].update(member_settings=[{"lambda": "big"}, {}]),
+         r"member_settings\[0\].lam: expected float"),
+        (lambda s: s["defenses"][1].update(member_settings=[{}]), r"member_settings has 1 entries for 2 members"),
+        (lambda s: s["defenses"][1].update(epochs="abc"), r"defenses\[1\].epochs: expected int"),
+        (lambda s: s["defenses"][1].update(epochs=0), r"defenses\[1\].epochs: must be >= 1"),
+        (lambda s: s["defenses"].__setitem__(0, {"name": "undefended", "epochs": 3}), r"defenses\[0\]: unknown key 'epochs'"),
     ],
 )
 def test_invalid_specs_name_the_problem(mutate, match) -> None:  # noqa: ANN001
@@ -213,3 +233,47 @@ def test_data_dir_placeholder(tmp_path: Path) -> None:
     assert expand_dataset("mnist", str(tmp_path)) == "mnist"
     spec = load_spec(REPO / "experiments" / "cifar10-subset-cpu.yaml")
     assert "{data_dir}" in spec.dataset  # ids do not depend on where the data lives
+
+
+def test_default_labels_follow_what_the_attack_can_use() -> None:
+    spec = base()
+    spec["attacks"].append({"name": "dfms-hl", "pool": "mnist", "budgets": [100]})
+    p = parse_spec(spec)
+    assert p.attacks[-1].labels == "hard" and p.attacks[-1].label == "dfms-hl-hard"
+
+
+def test_defenses_are_validated_from_the_registry(monkeypatch) -> None:
+    """A defense registered later is accepted with exactly its builder's keyword settings and types."""
+    from misleader.defenses.base import DEFENSES, DefenseSpec, register_defense
+
+    def build(*, victim, base, out, data_dir, seed, device, force, beta: float, top_k: int | None = None):  # noqa: ANN001
+        raise AssertionError("validation must not build anything")
+
+    monkeypatch.setattr(DEFENSES, "_items", dict(DEFENSES._items))
+    register_defense(DefenseSpec(name="toy-output", help="a test defense", build=build))
+    spec = base()
+    spec["defenses"].append({"name": "toy-output", "beta": 0.5, "top_k": 3})
+    p = parse_spec(spec)
+    assert p.defenses[-1].settings == {"beta": 0.5, "top_k": 3}
+    for entry, match in [({"name": "toy-output"}, "needs beta"),
+                         ({"name": "toy-output", "beta": 0.5, "gamma": 1}, "unknown key 'gamma'"),
+                         ({"name": "toy-output", "beta": "x"}, r"beta: expected float, got 'x'"),
+                         ({"name": "toy-output", "beta": 1, "top_k": 2.5}, "top_k: expected")]:
+        spec = base()
+        spec["defenses"].append(entry)
+        with pytest.raises(MisleaderError, match=match):
+            parse_spec(spec)
+
+
+@pytest.mark.parametrize("content", [b"\x89PNG\r\n\x1a\n\x00\x00binary", b"name: x\x00\n", b"\xff\xfe\x00d"])
+def test_binary_spec_is_one_line_error(tmp_path: Path, content: bytes) -> None:
+    path = tmp_path / "spec.yaml"
+    path.write_bytes(content)
+    with pytest.raises(MisleaderError, match="binary file") as info:
+        load_spec(path)
+    assert "\n" not in str(info.value)
+
+
+def test_directory_spec_is_one_line_error(tmp_path: Path) -> None:
+    with pytest.raises(MisleaderError, match="is a folder"):
+        load_spec(tmp_path)

@@ -4,11 +4,7 @@ import importlib
 
 from misleader.attacks.base import ATTACKS, Attack, AttackResult, register_attack
 
-for _mod in ("knockoff", "dfme", "dfms_hl"):
-    try:
-        importlib.import_module(f"misleader.attacks.{_mod}")
-    except ModuleNotFoundError as _exc:  # modules arrive one by one
-        if _exc.name != f"misleader.attacks.{_mod}":
-            raise
+for _mod in ("knockoff", "dfme", "dfms_hl"):  # a module that fails to import is an error, never skipped
+    importlib.import_module(f"misleader.attacks.{_mod}")
 
 __all__ = ["ATTACKS", "Attack", "AttackResult", "register_attack"]

@@ -15,7 +15,10 @@ a dataset name         the *training* part of another registered dataset (``digi
 Images are converted to the target's ``input_shape``: 3 -> 1 channel by ITU-R 601 luminance
 (0.299 R + 0.587 G + 0.114 B, what PIL's ``convert("L")`` does), 1 -> 3 by repetition, and a bilinear
 (antialiased) resize when the height or width differs. Naming the target's own dataset is refused:
-its training part contains the defender's data; use ``attacker`` instead.
+its training part contains the defender's data; use ``attacker`` instead. Whatever its name, a pool
+is then compared *by content* (sha256 of each converted row) with the defender's training and
+validation rows: a pool that is mostly the defender's data is refused, a few identical rows are
+dropped (:func:`drop_defender_rows`).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from misleader.data import Dataset, Splits, load_dataset, resolve_data_dir
+from misleader.data.hashing import overlap_mask, row_hashes
 from misleader.errors import MisleaderError
 
 log = logging.getLogger(__name__)
@@ -68,6 +72,37 @@ def convert_images(x: torch.Tensor, shape: Sequence[int], *, chunk: int = 4096) 
     return torch.cat(out)
 
 
+#: a pool whose rows are more than this fraction the defender's own is refused (a wrong pool, not a
+#: coincidence); fewer such rows are dropped from the pool with a warning.
+MAX_OVERLAP = 0.01
+
+
+def drop_defender_rows(x: torch.Tensor, y: torch.Tensor | None, *, spec: str,
+                       defender_x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Remove the pool rows whose content equals a defender training or validation row (DESIGN.md rule 3).
+
+    Compares sha256 content hashes (:mod:`misleader.data.hashing`), so renaming or copying the defender's
+    data does not get it into a pool. Shapes: x uint8 (N, C, H, W) in the target's input shape, y (N,)
+    or None, defender_x (M, C, H, W) -> the kept rows of x and y.
+
+    Raises:
+        MisleaderError: more than :data:`MAX_OVERLAP` of the pool is the defender's data.
+    """
+    if tuple(x.shape[1:]) != tuple(defender_x.shape[1:]):
+        return x, y  # different content shapes cannot share a row
+    overlap = overlap_mask(x, row_hashes(defender_x))
+    n = int(overlap.sum())
+    if n == 0:
+        return x, y
+    if n > MAX_OVERLAP * len(x):
+        raise MisleaderError(f"pool {spec!r} holds {n} of {len(x)} images identical to the defender's training or "
+                             "validation images: use --pool attacker (the disjoint attacker split) or a pool "
+                             "from another source")
+    log.warning("pool %r: dropped %d images identical to the defender's training or validation images", spec, n)
+    keep = ~overlap
+    return x[keep], (y[keep] if y is not None else None)
+
+
 def load_pool(
     spec: str | None,
     *,
@@ -89,37 +124,39 @@ def load_pool(
         has none).
 
     Raises:
-        MisleaderError: unknown or unreadable dataset, the target's own dataset named, empty pool.
+        MisleaderError: unknown or unreadable dataset, the target's own dataset named, a pool that is mostly
+            the defender's training or validation data (compared by content), empty pool.
     """
     spec = spec or "attacker"
     shape = [int(s) for s in target_meta["input_shape"]]
     target_ds = target_meta.get("dataset")
-    if spec == "attacker":
-        if target_data is None:
-            from misleader.training.victim import load_target_data
+    if spec != "attacker" and spec == target_ds:
+        raise MisleaderError(f"pool {spec!r} is the target's own dataset, whose training part holds the "
+                             "defender's data: use --pool attacker (the disjoint attacker split)")
+    if target_data is None:
+        from misleader.training.victim import load_target_data
 
-            target_data = load_target_data(target_meta, data_dir=data_dir)
-        data, splits = target_data
+        target_data = load_target_data(target_meta, data_dir=data_dir)
+    data, splits = target_data
+    if spec == "attacker":
         idx = splits.attacker
         if len(idx) == 0:
             raise MisleaderError(f"the target's split of {target_ds!r} holds no attacker images "
                                  "(attacker_fraction = 0): name another pool with --pool")
         x, y = data.x_train[idx], data.y_train[idx]
     else:
-        if spec == target_ds:
-            raise MisleaderError(f"pool {spec!r} is the target's own dataset, whose training part holds the "
-                                 "defender's data: use --pool attacker (the disjoint attacker split)")
         name = spec
         if spec in ALIASES:
             name = "npz:" + str(resolve_data_dir(data_dir) / ALIASES[spec])
-        data = load_dataset(name, data_dir=data_dir)
-        x, y = data.x_train, data.y_train
+        pool_data = load_dataset(name, data_dir=data_dir, any_size=True)
+        x, y = pool_data.x_train, pool_data.y_train
     if len(x) == 0:
         raise MisleaderError(f"pool {spec!r} is empty: choose another pool")
     x = convert_images(x, shape)
+    x, y = drop_defender_rows(x, y, spec=spec, defender_x=data.x_train[torch.cat([splits.train, splits.val])])
     log.info("pool %r: %d images %s, %s", spec, len(x), tuple(x.shape[1:]),
              f"{int(y.unique().numel())} classes" if y is not None else "unlabelled")
     return x.contiguous(), (y.long().contiguous() if y is not None else None)
 
 
-__all__ = ["convert_images", "load_pool", "LUMA"]
+__all__ = ["MAX_OVERLAP", "convert_images", "drop_defender_rows", "load_pool", "LUMA"]

@@ -30,7 +30,7 @@ import zipfile
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -91,19 +91,22 @@ def resolve_data_dir(data_dir: str | os.PathLike | None) -> Path:
     return Path(env).expanduser() if env else Path("data")
 
 
-def load_dataset(name: str, *, data_dir: str | os.PathLike | None = None, download: bool = False) -> Dataset:
+def load_dataset(name: str, *, data_dir: str | os.PathLike | None = None, download: bool = False,
+                 any_size: bool = False) -> Dataset:
     """Load a dataset by name (``npz:PATH`` for a user's own arrays).
 
     Args:
         name: a registered dataset name or ``npz:PATH``.
         data_dir: root folder in torchvision layout (default ``$MISLEADER_DATA`` or ``./data``).
         download: fetch missing files (md5-checked) before loading; needs network access.
+        any_size: accept npz images of any size (attacker pools are resized to the target); by default
+            they must be 28x28 (zero-padded to 32x32) or 32x32, what the model zoo takes.
 
     Raises:
         MisleaderError: unknown name or missing / unreadable files (the message says how to fix it).
     """
     if name.startswith("npz:"):
-        return _load_npz(Path(name[4:]).expanduser(), name=name)
+        return _load_npz(Path(name[4:]).expanduser(), name=name, any_size=any_size)
     root = resolve_data_dir(data_dir)
     factory = DATASETS.get(name)
     if download and name != "digits":
@@ -140,7 +143,8 @@ def pad_to(x: torch.Tensor, size: int) -> torch.Tensor:
 def _missing(name: str, root: Path, expected: str) -> MisleaderError:
     return MisleaderError(
         f"dataset {name!r} not found under {root}: pass --data-dir or set {ENV_VAR} "
-        f"(expected {expected}), or pass --download where the machine is online"
+        f"(expected {expected}); on an online machine misleader.data.download.download_dataset({name!r}, "
+        "root=DIR) fetches it"
     )
 
 
@@ -216,20 +220,96 @@ def fashion_mnist(*, root: Path) -> Dataset:
     return _mnist_like(root, folder="FashionMNIST", name="fashion-mnist", classes=FASHION_CLASSES)
 
 
+#: torchvision's md5 of every CIFAR file the loader reads (``torchvision/datasets/cifar.py``): a file in
+#: a known folder is checked before a single byte of it is unpickled.
+CIFAR_MD5: dict[str, dict[str, str]] = {
+    "cifar-10-batches-py": {
+        "data_batch_1": "c99cafc152244af753f735de768cd75f",
+        "data_batch_2": "d4bba439e000b95fd0a9bffe97cbabec",
+        "data_batch_3": "54ebc095f3ab1f0389bbae665268c751",
+        "data_batch_4": "634d18415352ddfa80567beed471001a",
+        "data_batch_5": "482c414d41f54cd18b22e5b47cb7c3cb",
+        "test_batch": "40351d587109b95175f43aff81a1287e",
+        "batches.meta": "5ff9c542aee3614f3951f8cda6e48888",
+    },
+    "cifar-100-python": {
+        "train": "16019d7e3df5f24257cddd939b257f8d",
+        "test": "f0ef6b0ae62326f3e7ffdfab6717acfc",
+        "meta": "7973b15100ade9c7d40fb424638fde48",
+    },
+}
+
+#: the only globals a CIFAR pickle needs: numpy's array reconstruction (Python 2 files name
+#: ``numpy.core``, files re-pickled by numpy >= 2 name ``numpy._core``)
+_CIFAR_GLOBALS = frozenset({
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+})
+
+
+class CifarUnpickler(pickle.Unpickler):
+    """An unpickler that builds only dicts, lists, strings, numbers and numpy arrays.
+
+    Any other global (``os.system``, ``builtins.eval`` ...) raises :class:`pickle.UnpicklingError`
+    before it is looked up, so a planted file cannot run code.
+    """
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _CIFAR_GLOBALS:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"global {module}.{name} is not allowed in a CIFAR file")
+
+
+def _check_md5(path: Path) -> None:
+    expected = CIFAR_MD5.get(path.parent.name, {}).get(path.name)
+    if expected is None:
+        return
+    from misleader.data.download import md5sum
+
+    try:
+        actual = md5sum(path)
+    except OSError as exc:
+        raise MisleaderError(f"cannot read {path} ({exc.strerror or exc}): check the file's permissions") from None
+    if actual != expected:
+        raise MisleaderError(f"{path} has md5 {actual}, not torchvision's {expected} (corrupted or replaced "
+                             "file?): delete it and download the dataset again")
+
+
 def _unpickle(path: Path, *keys: str) -> dict:
-    """Load a CIFAR pickle (latin1) and check that it holds ``keys``."""
+    """Load a CIFAR pickle (latin1) after checking its md5, with :class:`CifarUnpickler`; check it holds ``keys``."""
+    _check_md5(path)
     try:
         with open(path, "rb") as fh:
-            d = pickle.load(fh, encoding="latin1")
+            d = CifarUnpickler(fh, encoding="latin1").load()
     except Exception as exc:  # noqa: BLE001 - a corrupted pickle can raise almost anything
         raise MisleaderError(
-            f"{path} is corrupted ({type(exc).__name__}: {exc}): delete it and download again"
+            f"{path} is corrupted or not a CIFAR file ({type(exc).__name__}: {exc}): delete it and download again"
         ) from None
     if not isinstance(d, dict) or any(k not in d for k in keys):
         raise MisleaderError(
             f"{path} is not a CIFAR pickle holding {list(keys)} (wrong file?): delete it and download again"
         )
     return d
+
+
+def _cifar_arrays(path: Path, label_key: str) -> tuple[np.ndarray, np.ndarray]:
+    """Images uint8 (N, 3, 32, 32) and labels int64 (N,) of one CIFAR batch file, shapes checked."""
+    d = _unpickle(path, "data", label_key)
+    x, y = d["data"], d[label_key]
+    if not isinstance(x, np.ndarray) or x.dtype != np.uint8 or x.ndim != 2 or x.shape[1] != 3 * 32 * 32:
+        got = f"{x.dtype} {x.shape}" if isinstance(x, np.ndarray) else type(x).__name__
+        raise MisleaderError(f"{path}: data must be uint8 (N, 3072), got {got} (wrong file?): "
+                             "delete it and download again")
+    try:
+        labels = np.asarray(y, dtype=np.int64)
+    except (TypeError, ValueError, OverflowError):
+        labels = np.empty(0)
+    if labels.shape != (len(x),) or (len(labels) and labels.min() < 0):
+        raise MisleaderError(f"{path}: {label_key} must be {len(x)} integer labels >= 0 (wrong file?): "
+                             "delete it and download again")
+    return x.reshape(-1, 3, 32, 32), labels
 
 
 def _cifar(root: Path, *, folder: str, name: str, train_files: list[str], test_file: str,
@@ -240,21 +320,25 @@ def _cifar(root: Path, *, folder: str, name: str, train_files: list[str], test_f
             raise _missing(name, root, f"{folder}/{f}")
     xs, ys = [], []
     for f in train_files:
-        d = _unpickle(base / f, "data", label_key)
-        xs.append(np.asarray(d["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-        ys.append(np.asarray(d[label_key], dtype=np.int64))
-    t = _unpickle(base / test_file, "data", label_key)
+        x, y = _cifar_arrays(base / f, label_key)
+        xs.append(x)
+        ys.append(y)
+    xt, yt = _cifar_arrays(base / test_file, label_key)
     names: list[str] = []
     if (base / meta_file).exists():
-        names = [str(n) for n in _unpickle(base / meta_file, names_key)[names_key]]
+        raw_names = _unpickle(base / meta_file, names_key)[names_key]
+        if not isinstance(raw_names, list) or not all(isinstance(n, (str, bytes)) for n in raw_names):
+            raise MisleaderError(f"{base / meta_file}: {names_key} is not a list of names (wrong file?): "
+                                 "delete it and download again")
+        names = [n.decode("latin1") if isinstance(n, bytes) else n for n in raw_names]
     # the class count is the dataset's, not the largest label seen (a partial copy may miss classes)
-    k = max(num_classes, len(names), int(max(int(np.max(y)) for y in ys + [np.asarray(t[label_key])])) + 1)
+    k = max(num_classes, len(names), int(max(int(y.max(initial=0)) for y in ys + [yt])) + 1)
     return Dataset(
         name=name,
         x_train=torch.from_numpy(np.concatenate(xs)),
         y_train=torch.from_numpy(np.concatenate(ys)),
-        x_test=torch.from_numpy(np.asarray(t["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)),
-        y_test=torch.from_numpy(np.asarray(t[label_key], dtype=np.int64)),
+        x_test=torch.from_numpy(xt),
+        y_test=torch.from_numpy(yt),
         num_classes=k,
         class_names=names or [str(i) for i in range(k)],
     )
@@ -314,7 +398,11 @@ def digits(*, root: Path | None = None) -> Dataset:  # noqa: ARG001 - embedded, 
                    class_names=[str(i) for i in range(10)])
 
 
-def _images_from_array(a: np.ndarray, *, path: Path, key: str) -> torch.Tensor:
+#: npz image sizes (H, W) a dataset may have: 28x28 is zero-padded to 32x32 like MNIST
+NPZ_SIZES = ((28, 28), (32, 32))
+
+
+def _images_from_array(a: np.ndarray, *, path: Path, key: str, any_size: bool = False) -> torch.Tensor:
     if a.dtype != np.uint8:
         if (not np.issubdtype(a.dtype, np.floating) or a.size == 0 or not np.isfinite(a).all()
                 or a.min() < 0 or a.max() > 1):
@@ -329,10 +417,17 @@ def _images_from_array(a: np.ndarray, *, path: Path, key: str) -> torch.Tensor:
         t = _to_nchw_uint8(a, layout="nchw")
     else:
         raise MisleaderError(f"{path}: {key} must have shape (N,H,W), (N,H,W,C) or (N,C,H,W), got {a.shape}")
-    return pad_to(t, 32) if t.shape[-1] == 28 else t
+    c, h, w = (int(v) for v in t.shape[1:])
+    if c not in (1, 3) or min(h, w) < 1:
+        raise MisleaderError(f"{path}: {key} images must have 1 or 3 channels, got shape {a.shape} "
+                             "(layouts: (N,H,W), (N,H,W,C) or (N,C,H,W))")
+    if not any_size and (h, w) not in NPZ_SIZES:
+        raise MisleaderError(f"{path}: {key} images are {h}x{w}; a dataset's images must be 28x28 or 32x32 "
+                             "(resize them before numpy.savez; pools of other sizes are resized automatically)")
+    return pad_to(t, 32) if (h, w) == (28, 28) else t
 
 
-def _load_npz(path: Path, *, name: str) -> Dataset:
+def _load_npz(path: Path, *, name: str, any_size: bool = False) -> Dataset:
     if not path.is_file():
         raise MisleaderError(f"npz dataset {path} not found: give an existing file as npz:PATH "
                              "(arrays x_train y_train x_test y_test)")
@@ -364,8 +459,8 @@ def _load_npz(path: Path, *, name: str) -> Dataset:
             n_x = len(arrays[f"x_{part}"])
             raise MisleaderError(f"{path}: x_{part} has {n_x} rows but y_{part} has {len(y)}")
         ys[part] = torch.from_numpy(y.astype(np.int64))
-    xtr = _images_from_array(arrays["x_train"], path=path, key="x_train")
-    xte = _images_from_array(arrays["x_test"], path=path, key="x_test")
+    xtr = _images_from_array(arrays["x_train"], path=path, key="x_train", any_size=any_size)
+    xte = _images_from_array(arrays["x_test"], path=path, key="x_test", any_size=any_size)
     if xtr.shape[1:] != xte.shape[1:]:
         raise MisleaderError(f"{path}: x_train images {tuple(xtr.shape[1:])} and x_test images "
                              f"{tuple(xte.shape[1:])} differ in shape")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
-from typing import Any
+from typing import Any, Sequence
 
 from misleader.defenses.base import DefenseSpec, register_defense
 from misleader.errors import MisleaderError
@@ -121,6 +121,36 @@ def build(*, victim: Any, base: Any = None, force: bool = False, **kwargs: Any) 
             raise MisleaderError(f"defend misleader does not take --{key} in this version: leave it out")
     return defend_misleader(victim=victim, **kwargs)
 
+
+def check_params(*, members: Sequence[str], epochs: int, preset: str | None = None,
+                 member_settings: Sequence[dict] | None = None, batch_size: int | None = None) -> None:
+    """Validate MISLEADER's spec settings without training (preset, member settings' names and types);
+    its keyword parameters are the settings a spec entry may give (:func:`misleader.experiments.spec.defense_params`)."""
+    import typing
+
+    from misleader.defenses.misleader import MemberConfig, get_preset, member_config
+    from misleader.defenses.misleader.config import _ALIASES
+    from misleader.experiments.spec import check_value
+
+    pre = get_preset(preset) if preset is not None else None
+    if member_settings is not None and len(member_settings) != len(members):
+        raise MisleaderError(f"member_settings has {len(member_settings)} entries for {len(members)} members: "
+                             "give one per member")
+    hints = typing.get_type_hints(MemberConfig)
+    for i, arch in enumerate(members):
+        overrides = {**(member_settings[i] if member_settings else {}),
+                     **({"batch_size": batch_size} if batch_size is not None else {})}
+        for key, value in overrides.items():  # types first: MemberConfig's own checks assume numbers
+            name = _ALIASES.get(key, key)
+            if name in hints and value is not None:
+                check_value(value, hints[name], f"member_settings[{i}].{name}")
+        try:
+            member_config(arch, epochs=epochs, preset=pre, overrides=overrides)
+        except ValueError as exc:
+            raise MisleaderError(f"member_settings[{i}]: {exc}") from None
+
+
+build.check_params = check_params  # type: ignore[attr-defined]  (spec validation, see experiments.spec)
 
 MISLEADER = register_defense(DefenseSpec(
     name="misleader", build=build, add_arguments=add_arguments, params_from_args=params_from_args, paper=PAPER_URL,

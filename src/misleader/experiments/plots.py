@@ -37,6 +37,21 @@ def _plt():
     return plt
 
 
+def save_figure(fig: Any, path: str | Path, *, dpi: int = 130) -> None:
+    """Write ``fig`` atomically: rendered in memory, then a temp file in the same folder and ``os.replace``.
+
+    The format follows the suffix (``.png``, ``.pdf``, ``.svg``), so a reader never sees a half-written figure.
+    """
+    import io
+
+    from misleader.utils import atomic_write_bytes
+
+    path = Path(path)
+    buf = io.BytesIO()
+    fig.savefig(buf, format=path.suffix.lstrip(".") or "png", dpi=dpi)
+    atomic_write_bytes(path, buf.getvalue())
+
+
 def defense_colours(labels: list[str]) -> dict[str, str]:
     """Fixed colour per defense label: known names first, the rest from :data:`PALETTE` in order."""
     out: dict[str, str] = {}
@@ -125,7 +140,7 @@ def plot_budget_curves(res: Results, *, path: str | Path | None = None):
                  "curve = evaluations during the run)", fontsize=10)
     fig.tight_layout()
     if path is not None:
-        fig.savefig(path, dpi=130)
+        save_figure(fig, path)
     return fig
 
 
@@ -171,7 +186,7 @@ def plot_arch_heatmap(res: Results, *, path: str | Path | None = None):
         fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.8, label="clone test accuracy (%)")
     fig.suptitle("Clone test accuracy (%): attacker's clone architecture x defense", fontsize=11)
     if path is not None:
-        fig.savefig(path, dpi=130)
+        save_figure(fig, path)
     return fig
 
 
@@ -232,7 +247,7 @@ def plot_pareto(res: Results, *, path: str | Path | None = None):
         ax.set_xlim(max(0.0, lo - 3 * pad), min(100.5, hi + pad))
     fig.tight_layout()
     if path is not None:
-        fig.savefig(path, dpi=130)
+        save_figure(fig, path)
     return fig
 
 

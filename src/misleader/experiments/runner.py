@@ -24,7 +24,6 @@ the Ray executor as Ray tasks with the spec's ``resources`` (see :mod:`misleader
 from __future__ import annotations
 
 import datetime as _dt
-import importlib
 import logging
 import os
 import shutil
@@ -39,7 +38,7 @@ from typing import Any, Iterator
 import yaml
 
 from misleader.errors import MisleaderError
-from misleader.experiments.spec import DEFENSE_KINDS, ExperimentSpec, Stage, expand, load_spec, spec_to_yaml
+from misleader.experiments.spec import BUILDER_ARGS, ExperimentSpec, Stage, expand, load_spec, spec_to_yaml
 from misleader.utils import atomic_write_text, read_json, write_json
 
 log = logging.getLogger(__name__)
@@ -64,12 +63,18 @@ def _summary(stage: str, result: dict[str, Any]) -> dict[str, Any]:
     return {k: result[k] for k in SUMMARY_KEYS.get(stage, ()) if k in result}
 
 
-def _resolve_api(ref: str):
-    mod, _, fn = ref.partition(":")
-    try:
-        return getattr(importlib.import_module(mod), fn)
-    except ModuleNotFoundError as exc:
-        raise MisleaderError(f"{ref} is not available in this installation ({exc})") from None
+def _build_defense(name: str, **kwargs: Any) -> dict[str, Any]:
+    """Run the registered builder ``name`` (:data:`misleader.defenses.DEFENSES`) with ``kwargs``; the contract's
+    ``base`` and ``force`` are passed only to builders that declare them."""
+    import inspect
+
+    from misleader.defenses import DEFENSES  # noqa: F401  (importing the package registers every defense)
+    from misleader.defenses.base import defense_spec
+
+    spec = defense_spec(name)
+    accepted = inspect.signature(inspect.unwrap(spec.build)).parameters
+    extra = {k: v for k, v in (("base", None), ("force", False)) if k in accepted and k in BUILDER_ARGS}
+    return spec(**kwargs, **extra)
 
 
 def config_yaml(payload: dict[str, Any]) -> str:
@@ -102,10 +107,8 @@ def _call_api(payload: dict[str, Any], out_dir: Path, root: Path, *, data_dir: s
                             out=out_dir, data_dir=data_dir, seed=cfg["seed"], device=device, recipe=cfg.get("recipe"),
                             batch_size=cfg.get("batch_size"), lr=cfg.get("lr"), split=split)
     if stage == "defense":
-        kind = DEFENSE_KINDS[cfg["defense"]]
-        fn = _resolve_api(kind.api)
-        return fn(victim=str(root / payload["inputs"]["victim"]), out=out_dir, data_dir=data_dir, seed=cfg["seed"],
-                  device=device, **cfg.get("settings", {}))
+        return _build_defense(cfg["defense"], victim=str(root / payload["inputs"]["victim"]), out=out_dir,
+                              data_dir=data_dir, seed=cfg["seed"], device=device, **cfg.get("settings", {}))
     if stage == "attack":
         from misleader.attacks.harness import run_attack
 
@@ -268,13 +271,24 @@ def run_experiment(
 
     Returns:
         A :class:`RunSummary` (failed runs are listed; their dependents are skipped).
-    """
-    from misleader.experiments.executors import make_executor
 
+    Raises:
+        MisleaderError: an invalid spec, or another runner holds ``out`` (nothing in ``out`` is touched then).
+    """
     if not isinstance(spec, ExperimentSpec):
         spec = load_spec(spec)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    with _exclusive(out):  # before anything is written: a refused second run leaves the folder untouched
+        return _run_locked(spec, out=out, executor=executor, jobs=jobs, data_dir=data_dir, device=device,
+                           ray_address=ray_address, threads=threads)
+
+
+def _run_locked(spec: ExperimentSpec, *, out: Path, executor: str, jobs: int, data_dir: str | Path | None,
+                device: str | None, ray_address: str | None, threads: int | None) -> RunSummary:
+    """:func:`run_experiment` once ``out``'s lock is held."""
+    from misleader.experiments.executors import make_executor
+
     data_dir = None if data_dir is None else str(Path(data_dir).expanduser().resolve())
     device = device or spec.device
     atomic_write_text(out / "spec.yaml", spec_to_yaml(spec))
@@ -350,8 +364,7 @@ def run_experiment(
 
     ex = make_executor(executor, jobs=jobs, threads=threads, ray_address=ray_address)
     try:
-        with _exclusive(out):
-            ex.run(todo, out=str(out), data_dir=data_dir, device=device, on_start=on_start, on_done=on_done)
+        ex.run(todo, out=str(out), data_dir=data_dir, device=device, on_start=on_start, on_done=on_done)
     except BaseException:
         for job in todo:
             if status[job.id] in ("running", "pending"):

@@ -47,62 +47,148 @@ Example (the keys; see ``experiments/demo.yaml`` for a complete file)::
 
 from __future__ import annotations
 
+import collections.abc
+import copy
 import difflib
 import hashlib
+import inspect
 import json
+import logging
+import os
 import re
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import yaml
 
 from misleader.errors import MisleaderError
 
+log = logging.getLogger(__name__)
+
 #: stage name -> sub-folder of the output folder
 STAGE_DIRS: dict[str, str] = {"victim": "victims", "defense": "defenses", "attack": "attacks"}
 STAGES: tuple[str, ...] = ("victim", "defense", "attack")
 
-#: attacks the harness (misleader.attacks.harness.run_attack) knows by name
-KNOWN_ATTACKS: tuple[str, ...] = ("knockoff", "dfme", "dfms-hl")
 LABEL_MODES: tuple[str, ...] = ("soft", "hard")
+#: what the oracle answers for each label mode (an attack's ``requires`` lists the modes it can use)
+LABEL_OUTPUTS: dict[str, str] = {"soft": "probs", "hard": "labels"}
+#: the baseline defense: the victim folder itself (nothing is trained, see :func:`expand`)
+UNDEFENDED = "undefended"
+#: arguments every defense builder receives from the runner (not settings of a spec entry)
+BUILDER_ARGS = frozenset({"victim", "base", "out", "data_dir", "seed", "device", "force"})
 
 
 @dataclass(frozen=True)
-class DefenseKind:
-    """How the runner trains a defense of this kind.
+class DefenseParams:
+    """What a spec entry of a registered defense may set, derived from its builder (never listed here).
+
+    The signature read is the builder's ``check_params`` attribute when it has one (a callable taking
+    the builder's settings as keyword arguments and raising :class:`MisleaderError` on a bad value,
+    without training anything), else the builder itself (through ``functools.wraps``).
 
     Attributes:
-        name: the spec's ``name``.
-        api: ``"module:function"`` called as ``fn(victim=DIR, out=DIR, data_dir=..., seed=..., device=...,
-            **settings)``; ``None`` for ``undefended`` (the victim folder is the target).
-        keys: the settings a spec entry may give (passed to ``api`` as keyword arguments).
-        required: settings that must be given.
+        keys: settings the builder accepts (``None``: it takes any keyword).
+        required: settings without a default.
+        hints: type hints of the settings (checked by :func:`check_value`).
+        check: the builder's ``check_params`` (``None``: none).
     """
 
-    name: str
-    api: str | None
-    keys: frozenset[str] = frozenset()
-    required: frozenset[str] = frozenset()
+    keys: frozenset[str] | None
+    required: frozenset[str]
+    hints: dict[str, Any]
+    check: Callable[..., None] | None
 
 
-DEFENSE_KINDS: dict[str, DefenseKind] = {}
+def _registered_defenses() -> Any:
+    from misleader.defenses import DEFENSES  # importing the package registers every defense
+
+    return DEFENSES
 
 
-def register_defense_kind(kind: DefenseKind) -> DefenseKind:
-    """Make a defense usable in specs (later defenses register themselves here)."""
-    if kind.name in DEFENSE_KINDS:
-        raise ValueError(f"defense kind {kind.name!r} is already registered")
-    DEFENSE_KINDS[kind.name] = kind
-    return kind
+def defense_params(name: str) -> DefenseParams:
+    """The settings of the registered defense ``name`` (see :class:`DefenseParams`)."""
+    from misleader.defenses.base import defense_spec
+
+    _registered_defenses()
+    dspec = defense_spec(name)
+    check = getattr(dspec.build, "check_params", None)
+    fn = inspect.unwrap(check if check is not None else dspec.build)
+    params = inspect.signature(fn).parameters.values()
+    named = {p.name: p for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
+             and p.name not in BUILDER_ARGS}
+    open_ended = any(p.kind is p.VAR_KEYWORD for p in params)
+    try:
+        hints = typing.get_type_hints(fn)
+    except (NameError, TypeError) as exc:  # an annotation that cannot be resolved: values are not type-checked
+        log.debug("type hints of the %s builder are not resolvable (%s)", name, exc)
+        hints = {}
+    return DefenseParams(
+        keys=None if open_ended and not named else frozenset(named),
+        required=frozenset(n for n, p in named.items() if p.default is p.empty),
+        hints={k: v for k, v in hints.items() if k in named},
+        check=check,
+    )
 
 
-register_defense_kind(DefenseKind("undefended", None))
-register_defense_kind(DefenseKind(
-    "misleader", "misleader.defenses.misleader:defend_misleader",
-    keys=frozenset({"members", "epochs", "preset", "member_settings", "batch_size"}),
-    required=frozenset({"members", "epochs"}),
-))
+def _known_defenses() -> list[str]:
+    return _registered_defenses().names()
+
+
+def _hint_name(hint: Any) -> str:
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+
+
+def check_value(value: Any, hint: Any, where: str) -> Any:
+    """Check ``value`` against a type hint of a builder parameter; returns it (a scalar given for a
+    sequence becomes a one-item list).
+
+    Handles ``int``, ``float``, ``str``, ``bool``, ``None``, unions, paths, sequences and mappings
+    (recursively); any other hint is accepted as is.
+
+    Example:
+        >>> check_value(3, int, "epochs")
+        3
+        >>> check_value("lenet5", list[str], "members")
+        ['lenet5']
+        >>> check_value("abc", int | None, "epochs")
+        Traceback (most recent call last):
+        ...
+        misleader.errors.MisleaderError: epochs: expected int | None, got 'abc'
+    """
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any or hint is inspect.Parameter.empty:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        for arm in args:
+            try:
+                return check_value(value, arm, where)
+            except MisleaderError:
+                continue
+        raise _fail(where, f"expected {_hint_name(hint)}, got {value!r}")
+    ok: bool | None = None
+    if hint is type(None):
+        ok = value is None
+    elif hint is bool:
+        ok = isinstance(value, bool)
+    elif hint is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif hint is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    elif hint is str or hint in (Path, os.PathLike):
+        ok = isinstance(value, str)
+    elif origin in (list, tuple, Sequence, collections.abc.Sequence) or hint in (list, tuple):
+        item = args[0] if args else Any
+        if isinstance(value, (list, tuple)):
+            return [check_value(v, item, f"{where}[{j}]") for j, v in enumerate(value)]
+        return [check_value(value, item, where)]  # a scalar for a one-item list
+    elif origin in (dict, Mapping, collections.abc.Mapping) or hint in (dict, Mapping):
+        ok = isinstance(value, Mapping)
+    if ok is False:
+        raise _fail(where, f"expected {_hint_name(hint)}, got {value!r}")
+    return value
 
 
 # --------------------------------------------------------------------------- spec objects
@@ -253,6 +339,13 @@ def _number(obj: Any, where: str, *, minimum: float = 0.0) -> float:
     return obj
 
 
+def _positive(obj: Any, where: str) -> float:
+    value = float(_number(obj, where))
+    if not value > 0 or value == float("inf"):
+        raise _fail(where, f"must be a positive finite number, got {obj!r}")
+    return value
+
+
 def _list(obj: Any, where: str, *, allow_scalar: bool = True) -> list[Any]:
     if isinstance(obj, (list, tuple)):
         if not obj:
@@ -311,29 +404,93 @@ def _unique_labels(items: Iterable[tuple[str, str]], what: str) -> None:
         seen[label] = where
 
 
-def _known_attacks() -> list[str]:
-    names = set(KNOWN_ATTACKS)
-    try:  # attacks registered later (plugins) are accepted too
-        from misleader.attacks import ATTACKS
+def _attack_registry() -> Any:
+    import misleader.attacks  # noqa: F401  (importing the package registers every attack)
+    from misleader.attacks.base import ATTACKS
 
-        names.update(n.replace("_", "-") for n in ATTACKS.names())
-    except Exception:  # noqa: BLE001 - the attacks package may be mid-development
-        pass
-    return sorted(names)
+    return ATTACKS
+
+
+def _option_type_ok(value: Any, default: Any) -> bool:
+    """Whether an option value has the type of the attack's default for it (``None`` defaults take anything)."""
+    if default is None or value is None:
+        return True
+    if isinstance(default, bool):
+        return isinstance(value, bool)
+    if isinstance(default, int):
+        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(default, float):
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if isinstance(default, str):
+        return isinstance(value, str)
+    if isinstance(default, (list, tuple)):
+        return isinstance(value, (list, tuple))
+    return True
 
 
 def _check_attack_options(name: str, options: dict[str, Any], where: str) -> None:
-    """Build the attack once (cheap: settings only) so that a typo fails now, not after hours of training."""
-    try:
-        from misleader.attacks.harness import make_attack
-    except ImportError:  # the harness is not installed: the runner will report it
-        return
-    try:
-        make_attack(name, options)
-    except MisleaderError as exc:
-        if "unknown attack" in str(exc):  # registered under another name or not yet available
-            return
-        raise _fail(where, str(exc)) from None
+    """Build the attack once (cheap: settings only) so that a typo or a wrong type fails now, not after
+    hours of training: unknown options and presets are the attack's own errors; each value must have the
+    type of the attack's default for it."""
+    from misleader.attacks.harness import make_attack
+
+    def build(opts: dict[str, Any]) -> Any:
+        try:
+            return make_attack(name, copy.deepcopy(opts))  # make_attack may normalise the dict in place
+        except (MisleaderError, TypeError, ValueError) as exc:
+            raise _fail(where, str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from None
+
+    defaults = build({"preset": options["preset"]} if "preset" in options else {}).config()
+    for key, value in options.items():
+        if key in defaults and not _option_type_ok(value, defaults[key]):
+            raise _fail(f"{where}.{key}", f"expected {type(defaults[key]).__name__} like the default "
+                                          f"{defaults[key]!r}, got {value!r}")
+    build(options)
+
+
+def _check_pool(pool: str, *, attack_cls: Any, dataset: str, where: str) -> None:
+    """A pool name the harness can load (:func:`misleader.attacks.pools.load_pool`), for an attack that uses one."""
+    from misleader.attacks.pools import ALIASES
+    from misleader.data import DATASETS
+
+    if not getattr(attack_cls, "needs_pool", False):
+        raise _fail(where, f"attack {attack_cls.name!r} uses no pool of images: remove `pool:`")
+    if pool == dataset:
+        raise _fail(where, f"pool {pool!r} is the victim's own dataset, whose training part holds the defender's "
+                           "data: use `pool: attacker` (the disjoint attacker split)")
+    known = ["attacker", *ALIASES, *DATASETS.names()]
+    if pool not in known and not pool.startswith("npz:"):
+        close = difflib.get_close_matches(pool, known, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise _fail(where, f"unknown pool {pool!r}{hint}; choose one of {', '.join(known)} or npz:PATH")
+
+
+def _defense_settings(dname: str, d: dict[str, Any], where: str) -> dict[str, Any]:
+    """The settings of a spec's defense entry, checked against the registered builder (keys, types, its
+    ``check_params``)."""
+    params = defense_params(dname)
+    if params.keys is not None:
+        _check_keys(d, params.keys | {"name", "label"}, where)
+    missing = sorted(params.required - set(d))
+    if missing:
+        raise _fail(where, f"defense {dname!r} needs {', '.join(missing)}")
+    settings = {}
+    for k in sorted(set(d) - {"name", "label"}):
+        if d[k] is None:
+            continue
+        settings[k] = check_value(d[k], params.hints[k], f"{where}.{k}") if k in params.hints else d[k]
+    for k in ("epochs", "batch_size"):  # counts: positive whatever the builder's annotation says
+        if isinstance(settings.get(k), int):
+            _int(settings[k], f"{where}.{k}", minimum=1)
+    if "members" in settings:
+        settings["members"] = [_arch(a, f"{where}.members[{j}]")
+                               for j, a in enumerate(_list(settings["members"], f"{where}.members"))]
+    if params.check is not None:
+        try:
+            params.check(**settings)
+        except MisleaderError as exc:
+            raise _fail(where, str(exc)) from None
+    return settings
 
 
 # --------------------------------------------------------------------------- parsing
@@ -346,14 +503,28 @@ def load_spec(path: str | Path) -> ExperimentSpec:
         MisleaderError: missing file, invalid YAML, or an invalid spec (the message names the key).
     """
     path = Path(path)
+    hint = "pass a YAML file such as experiments/demo.yaml"
+    if path.is_dir():
+        raise MisleaderError(f"spec {path} is a folder: {hint}")
+    if path.exists() and not path.is_file():
+        raise MisleaderError(f"spec {path} is not a regular file (a FIFO or device?): {hint}")
     try:
-        text = path.read_text()
+        data = path.read_bytes()
     except FileNotFoundError:
-        raise MisleaderError(f"spec {path} not found: pass a YAML file such as experiments/demo.yaml") from None
+        raise MisleaderError(f"spec {path} not found: {hint}") from None
+    except OSError as exc:
+        raise MisleaderError(f"cannot read spec {path} ({exc.strerror or exc}): {hint}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise MisleaderError(f"spec {path} is not a UTF-8 text file (a binary file?): {hint}") from None
+    if "\x00" in text:
+        raise MisleaderError(f"spec {path} contains NUL bytes (a binary file?): {hint}")
     try:
         obj = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise MisleaderError(f"{path} is not valid YAML: {exc}") from None
+        first = " ".join(str(exc).split())
+        raise MisleaderError(f"{path} is not valid YAML: {first}") from None
     return parse_spec(obj, source=str(path))
 
 
@@ -408,7 +579,7 @@ def parse_spec(obj: Any, *, source: str = "spec") -> ExperimentSpec:
         epochs=_int(v["epochs"], f"{w}.epochs", minimum=1),
         recipe=recipe,
         batch_size=None if v.get("batch_size") is None else _int(v["batch_size"], f"{w}.batch_size", minimum=1),
-        lr=None if v.get("lr") is None else float(_number(v["lr"], f"{w}.lr")),
+        lr=None if v.get("lr") is None else _positive(v["lr"], f"{w}.lr"),
         split=split,
     )
 
@@ -417,32 +588,17 @@ def parse_spec(obj: Any, *, source: str = "spec") -> ExperimentSpec:
     for i, d in enumerate(_list(top["defenses"], f"{source}: defenses", allow_scalar=False)):
         w = f"{source}: defenses[{i}]"
         d = {"name": d} if isinstance(d, str) else _mapping(d, w)
+        known_defenses = _known_defenses()
         if "name" not in d:
-            raise _fail(w, f"missing required key 'name' (one of {', '.join(sorted(DEFENSE_KINDS))})")
+            raise _fail(w, f"missing required key 'name' (one of {', '.join(known_defenses)})")
         dname = _str(d["name"], f"{w}.name")
-        if dname not in DEFENSE_KINDS:
-            close = difflib.get_close_matches(dname, list(DEFENSE_KINDS), n=1)
+        if dname not in known_defenses:
+            close = difflib.get_close_matches(dname, known_defenses, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise _fail(f"{w}.name", f"unknown defense {dname!r}{hint}; choose one of {', '.join(sorted(DEFENSE_KINDS))}")
-        kind = DEFENSE_KINDS[dname]
-        _check_keys(d, kind.keys | {"name", "label"}, w)
-        missing = sorted(kind.required - set(d))
-        if missing:
-            raise _fail(w, f"defense {dname!r} needs {', '.join(missing)}")
-        settings = {k: d[k] for k in sorted(kind.keys) if d.get(k) is not None}
-        if "members" in settings:
-            settings["members"] = [_arch(a, f"{w}.members[{j}]")
-                                   for j, a in enumerate(_list(settings["members"], f"{w}.members"))]
-        if "epochs" in settings:
-            _int(settings["epochs"], f"{w}.epochs", minimum=1)
-        if "batch_size" in settings:
-            _int(settings["batch_size"], f"{w}.batch_size", minimum=1)
-        if "member_settings" in settings:
-            ms = _list(settings["member_settings"], f"{w}.member_settings", allow_scalar=False)
-            settings["member_settings"] = [_mapping(m or {}, f"{w}.member_settings[{j}]") for j, m in enumerate(ms)]
-            if len(ms) != len(settings.get("members", ms)):
-                raise _fail(f"{w}.member_settings", f"give one mapping per member ({len(settings['members'])}), "
-                                                    f"got {len(ms)}")
+            raise _fail(f"{w}.name", f"unknown defense {dname!r}{hint}; choose one of {', '.join(known_defenses)}")
+        settings = {} if dname == UNDEFENDED else _defense_settings(dname, d, w)
+        if dname == UNDEFENDED:
+            _check_keys(d, {"name", "label"}, w)
         label = _str(d.get("label", dname), f"{w}.label")
         defenses.append(DefenseSpec(name=dname, label=label, settings=settings))
     _unique_labels(((f"{source}: defenses[{i}]", d.label) for i, d in enumerate(defenses)), "defense")
@@ -454,7 +610,8 @@ def parse_spec(obj: Any, *, source: str = "spec") -> ExperimentSpec:
 
     # attacks
     attacks: list[AttackSpec] = []
-    known = _known_attacks()
+    attack_registry = _attack_registry()
+    known = attack_registry.names()
     for i, a in enumerate(_list(top["attacks"], f"{source}: attacks", allow_scalar=False)):
         w = f"{source}: attacks[{i}]"
         a = {"name": a} if isinstance(a, str) else _mapping(a, w)
@@ -466,9 +623,14 @@ def parse_spec(obj: Any, *, source: str = "spec") -> ExperimentSpec:
             close = difflib.get_close_matches(aname, known, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise _fail(f"{w}.name", f"unknown attack {aname!r}{hint}; choose one of {', '.join(known)}")
-        labels = a.get("labels", "soft")
+        attack_cls = attack_registry.get(aname)
+        usable = [m for m in LABEL_MODES if LABEL_OUTPUTS[m] in attack_cls.requires]
+        labels = a.get("labels", "soft" if "soft" in usable else usable[0])
         if labels not in LABEL_MODES:
             raise _fail(f"{w}.labels", f"must be one of {', '.join(LABEL_MODES)}, got {labels!r}")
+        if labels not in usable:
+            raise _fail(f"{w}.labels", f"attack {aname!r} cannot work with {labels} labels: use "
+                                       f"{' or '.join(usable)}")
         if "budgets" in a:
             a_budgets = tuple(parse_budget(b, f"{w}.budgets[{j}]") for j, b in enumerate(_list(a["budgets"], f"{w}.budgets")))
         elif budgets:
@@ -480,6 +642,8 @@ def parse_spec(obj: Any, *, source: str = "spec") -> ExperimentSpec:
         options = _mapping(a.get("options") or {}, f"{w}.options")
         _check_attack_options(aname, options, f"{w}.options")
         pool = None if a.get("pool") is None else _str(a["pool"], f"{w}.pool")
+        if pool is not None:
+            _check_pool(pool, attack_cls=attack_cls, dataset=dataset, where=f"{w}.pool")
         eval_every = None if a.get("eval_every") is None else parse_budget(a["eval_every"], f"{w}.eval_every")
         a_seeds = None
         if "seeds" in a:
@@ -587,12 +751,12 @@ def expand(spec: ExperimentSpec) -> list[Stage]:
     for vseed, vst in victims.items():
         for i, d in enumerate(spec.defenses):
             cfg = _drop_none({"defense": d.name, "settings": d.settings, "seed": vseed, "victim": vst.id})
-            if d.name == "undefended":
+            if d.name == UNDEFENDED:
                 cfg = {"defense": "undefended", "victim": vst.id}
             did = stage_id(f"{d.name}-s{vseed}", cfg)
             arch = "+".join(d.settings.get("members", [])) or spec.victim.arch
             meta = {**vst.meta, "defense": d.name, "defense_label": d.label, "defense_id": did, "defense_arch": arch}
-            virtual = DEFENSE_KINDS[d.name].api is None
+            virtual = d.name == UNDEFENDED
             folder = vst.folder if virtual else f"defenses/{did}"
             st = Stage("defense", did, cfg, meta, (vst.id,), folder, virtual=virtual,
                        resources=spec.resources_for("defense"))
@@ -623,7 +787,7 @@ def spec_to_yaml(spec: ExperimentSpec) -> str:
 
 
 __all__ = [
-    "AttackSpec", "DEFENSE_KINDS", "DefenseKind", "DefenseSpec", "ExperimentSpec", "KNOWN_ATTACKS", "Resources",
+    "AttackSpec", "BUILDER_ARGS", "DefenseParams", "DefenseSpec", "ExperimentSpec", "LABEL_OUTPUTS", "Resources",
     "STAGES", "STAGE_DIRS", "Stage", "VictimSpec", "canonical_json", "config_hash", "expand", "load_spec",
-    "parse_budget", "parse_spec", "register_defense_kind", "spec_to_yaml", "stage_id",
+    "UNDEFENDED", "check_value", "defense_params", "parse_budget", "parse_spec", "spec_to_yaml", "stage_id",
 ]
