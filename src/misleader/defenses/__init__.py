@@ -75,3 +75,4 @@ def list_defenses() -> list[str]:
 
 
 __all__ = ["DEFENSES", "DefenseSpec", "register_defense", "build_defense", "defend_undefended", "list_defenses"]
+from misleader.defenses import adaptive_misinfo, grad2, mad, postprocess, randp  # noqa: E402,F401  (registers)
