@@ -9,6 +9,7 @@ from _output_ctx import K, build_step, random_probs, random_x, tiny_net
 from misleader.defenses.grad2 import redirect, redirection_coefficients
 from misleader.defenses.randp import project_l1_ball, project_l2_ball
 from misleader.errors import MisleaderError
+from misleader.oracle.steps import StepContext
 
 ALL = [("randp", {"epsilon": 0.5}), ("randp", {"epsilon": 0.5, "form": "logit", "dist": "l2", "strat": "gaussian"}),
        ("mad", {"epsilon": 0.5, "surrogate": "s"}), ("grad2", {"epsilon": 0.5, "surrogates": ["a", "b"]}),
@@ -143,3 +144,45 @@ def test_adaptive_misinformation_gate_weight_and_mix() -> None:
     mis = gate.branch(x)
     assert torch.allclose(gate.apply(y, x), (1 - w[:, None]) * y + w[:, None] * mis)
     assert not gate.hard
+
+
+def _stub_folder_writer(calls: list):
+    """A stand-in for ``misleader.defenses.folder`` (written by the pipeline work): records the call and
+    writes the victim as a plain defense folder, so the builders' own part (models, steps, serve cost) runs."""
+    import types
+
+    from misleader.defenses import defend_undefended
+
+    def write_defense_folder(*, out, victim, base, defense, steps, models, params, seed, data_dir, device, force):
+        calls.append(dict(out=out, victim=victim, base=base, defense=defense, steps=steps, models=models,
+                          params=params, seed=seed))
+        return defend_undefended(victim=victim, out=out)
+
+    return types.SimpleNamespace(write_defense_folder=write_defense_folder)
+
+
+@pytest.mark.parametrize("name", ["randp", "mad", "grad2", "am", "post"])
+def test_builders_pass_their_steps_and_record_serve_cost(name: str, tiny_victim, tmp_path, monkeypatch) -> None:
+    import sys
+
+    from misleader.defenses.base import defense_spec
+    from misleader.oracle.steps import STEPS
+
+    torch.set_num_threads(1)
+    calls: list = []
+    monkeypatch.setitem(sys.modules, "misleader.defenses.folder", _stub_folder_writer(calls))
+    spec = defense_spec(name)
+    result = spec.build(victim=tiny_victim, base=None, out=tmp_path / name, data_dir=None, seed=0, device="cpu",
+                        force=False, **spec.test_params)
+    (call,) = calls
+    assert call["defense"] == name and call["base"] is None and len(call["steps"]) == 1
+    entry = call["steps"][0]
+    step_cls = STEPS.get(entry["type"])
+    for model_name in call["models"] or {}:
+        assert model_name in str(entry)  # every saved model is named by the step that loads it
+    ctx = StepContext(folder=tmp_path, device=torch.device("cpu"), generator=torch.Generator().manual_seed(0),
+                      num_classes=10, input_shape=(1, 32, 32), load_model=lambda n: call["models"][n])
+    step = step_cls.from_manifest(entry, ctx=ctx)
+    assert step.to_manifest() == entry
+    assert result["serve"]["rows_per_s"] > 0 and result["serve"]["base_rows_per_s"] > 0
+    assert result["max_l1_to_victim"] == 0.0  # the stub folder answers like the victim
