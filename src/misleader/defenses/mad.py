@@ -35,6 +35,7 @@ Deviations from the reference code:
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 from typing import Any, Callable, ClassVar
 
@@ -52,7 +53,10 @@ ENUM_MAX_K = 10
 #: the reference's +1e-5 on the argmax of ``argmax`` candidates
 ARGMAX_BONUS = 1e-5
 
-Score = Callable[[torch.Tensor], torch.Tensor]  # candidates (B, M, K) -> scores (B, M), higher is better
+#: candidates (M, K) shared by all rows or (B, M, K) -> objective values (B, M), higher is better
+Score = Callable[[torch.Tensor], torch.Tensor]
+#: perm (B, K) or None -> the Score of candidates whose column j is class ``perm[:, j]`` (None: class j)
+ScoreFactory = Callable[[torch.Tensor | None], Score]
 
 
 def last_linear(model: nn.Module) -> nn.Linear:
@@ -74,67 +78,75 @@ def surrogate_features(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor,
     return torch.softmax(logits.double(), dim=1), seen[-1].double().flatten(1)
 
 
-def _subset_masks(k: int, device: torch.device) -> torch.Tensor:
-    """(2^(k-1), k-1) bool: every subset of the k - 1 non-argmax classes (first row: the empty set)."""
-    rows = list(itertools.product((False, True), repeat=k - 1))
-    return torch.tensor([r[::-1] for r in rows], dtype=torch.bool, device=device)
+@functools.lru_cache(maxsize=16)
+def argmax_candidates(k: int) -> torch.Tensor:
+    """(2^(k-1), k) float64, in top-first coordinates (column 0 = the argmax class): uniform over every
+    class subset that contains column 0, +1e-5 on column 0, renormalised. First row: the one-hot of column 0."""
+    rows = [(True, *r[::-1]) for r in itertools.product((False, True), repeat=k - 1)]
+    return _uniform_on(torch.tensor(rows, dtype=torch.bool), top=0)
 
 
-def _uniform_on(mask: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
-    """Candidates (B, M, K) uniform over ``mask`` (B, M, K) with the argmax bonus, renormalised."""
+def _uniform_on(mask: torch.Tensor, *, top: int | torch.Tensor) -> torch.Tensor:
+    """Candidates (..., M, K) uniform over ``mask`` with the argmax bonus on class ``top``, renormalised."""
     c = mask.double()
     c = c / c.sum(dim=-1, keepdim=True)
-    c.scatter_add_(2, top[:, None, None].expand(-1, c.shape[1], 1), torch.full_like(c[..., :1], ARGMAX_BONUS))
+    if isinstance(top, int):
+        c[..., top] += ARGMAX_BONUS
+    else:  # (B,) per row, mask (B, M, K)
+        c.scatter_add_(2, top[:, None, None].expand(-1, c.shape[1], 1), torch.full_like(c[..., :1], ARGMAX_BONUS))
     return c / c.sum(dim=-1, keepdim=True)
 
 
-def oracle_target(y: torch.Tensor, score: Score, *, oracle: str, max_evals: int = 1024) -> torch.Tensor:
-    """The target ``y*`` (B, K) of each row: the candidate with the highest ``score``.
+def top_first(y: torch.Tensor) -> torch.Tensor:
+    """(B, K) int64 permutation per row: the argmax class first, then the others in increasing order."""
+    b, k = y.shape
+    top = y.argmax(dim=1, keepdim=True)
+    others = torch.arange(k, device=y.device).expand(b, k)
+    return torch.cat([top, others[others != top].view(b, k - 1)], dim=1)
+
+
+def oracle_target(y: torch.Tensor, make_score: ScoreFactory, *, oracle: str, max_evals: int = 1024) -> torch.Tensor:
+    """The target ``y*`` (B, K) of each row: the candidate with the highest objective (ties: the first).
 
     Args:
         y: (B, K) float64 answers.
-        score: candidates (B, M, K) -> (B, M) objective values (ties: the first candidate wins).
-        oracle: ``extreme`` or ``argmax``.
+        make_score: builds the objective for candidates in a given class order (see :data:`ScoreFactory`).
+        oracle: ``extreme`` (the K one-hot vectors) or ``argmax`` (see the module docstring).
         max_evals: ``argmax`` with K > 10: the greedy search's evaluation budget per row.
     """
     b, k = y.shape
     if oracle == "extreme":
-        cands = torch.eye(k, dtype=torch.float64, device=y.device).expand(b, k, k)
-        return cands.gather(1, score(cands).argmax(dim=1)[:, None, None].expand(-1, 1, k))[:, 0]
-    top = y.argmax(dim=1)
-    if k <= ENUM_MAX_K:
-        sub = _subset_masks(k, y.device)  # (M, K-1)
-        others = torch.arange(k, device=y.device).expand(b, k)
-        others = others[others != top[:, None]].view(b, k - 1)  # (B, K-1) the non-argmax classes
-        mask = torch.zeros(b, sub.shape[0], k, dtype=torch.bool, device=y.device)
-        mask.scatter_(2, others[:, None, :].expand(-1, sub.shape[0], -1), sub.expand(b, -1, -1))
-        mask.scatter_(2, top[:, None, None].expand(-1, sub.shape[0], 1), True)
-        cands = _uniform_on(mask, top)
-        return cands.gather(1, score(cands).argmax(dim=1)[:, None, None].expand(-1, 1, k))[:, 0]
-    return _greedy_target(y, score, top=top, max_evals=max_evals)
+        perm, cands = None, torch.eye(k, dtype=torch.float64, device=y.device)
+    elif k <= ENUM_MAX_K:  # every row scores the same candidate matrix in its own top-first order
+        perm, cands = top_first(y), argmax_candidates(k).to(y.device)
+    else:
+        return _greedy_target(y, make_score(None), max_evals=max_evals)
+    chosen = cands[make_score(perm)(cands).argmax(dim=1)]  # (B, K)
+    return chosen if perm is None else torch.zeros_like(y).scatter(1, perm, chosen)
 
 
-def _greedy_target(y: torch.Tensor, score: Score, *, top: torch.Tensor, max_evals: int) -> torch.Tensor:
+def _greedy_target(y: torch.Tensor, score: Score, *, max_evals: int) -> torch.Tensor:
     """K > 10: grow the class set from ``{argmax}`` one class at a time (the best addition each round)."""
     b, k = y.shape
+    top = y.argmax(dim=1)
     rows = torch.arange(b, device=y.device)
     mask = torch.zeros(b, k, dtype=torch.bool, device=y.device)
     mask[rows, top] = True
-    best = _uniform_on(mask[:, None], top)[:, 0]
+    best = _uniform_on(mask[:, None], top=top)[:, 0]
     best_score = score(best[:, None])[:, 0]
     evals = 1
     eye = torch.eye(k, dtype=torch.bool, device=y.device)
     while evals + k <= max_evals and not bool(mask.all()):
         grown = mask[:, None, :] | eye[None]  # (B, K, K): add class j
         valid = ~mask  # adding a class already in the set is not a move
-        s = score(_uniform_on(grown, top)).masked_fill(~valid, float("-inf"))
+        s = score(_uniform_on(grown, top=top)).masked_fill(~valid, float("-inf"))
         evals += k
         j = s.argmax(dim=1)
         has_move = valid.any(dim=1)
         mask = torch.where(has_move[:, None], grown[rows, j], mask)
         s_best = s[rows, j]
         better = has_move & (s_best > best_score)
-        cand = _uniform_on(mask[:, None], top)[:, 0]
+        cand = _uniform_on(mask[:, None], top=top)[:, 0]
         best = torch.where(better[:, None], cand, best)
         best_score = torch.where(better, s_best, best_score)
     return best
@@ -151,19 +163,41 @@ def _unit(v: torch.Tensor) -> torch.Tensor:
     return v / v.norm(dim=-1, keepdim=True).clamp_min(1e-12)
 
 
-def closed_form_score(p_s: torch.Tensor, h: torch.Tensor, y: torch.Tensor, *, objective: str) -> Score:
-    """The MAD objective of candidates from the closed form ``G^T v = (p_s - v) (x) h`` (no Jacobian)."""
-    if objective == "angular":
-        ref = _unit(p_s - y)[:, None]  # (B, 1, K)
-        return lambda c: (_unit(p_s[:, None] - c) - ref).pow(2).sum(dim=-1)
+def _dots(c: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """(B, M): candidate . row vector, for candidates (M, K) or (B, M, K) and rows v (B, K)."""
+    return v @ c.T if c.dim() == 2 else torch.matmul(c, v.unsqueeze(-1)).squeeze(-1)
+
+
+def closed_form_score(p_s: torch.Tensor, h: torch.Tensor, y: torch.Tensor, *, objective: str) -> ScoreFactory:
+    """The MAD objective from the closed form ``G^T v = (p_s - v) (x) h`` (no Jacobian), in dot products.
+
+    angular: ``2 - 2 cos(p_s - c, p_s - y)`` (= the squared distance of the unit vectors); plain:
+    ``||c - y||^2 ||h||^2``. Shapes: p_s, y (B, K), h (B, F).
+    """
     hn2 = h.pow(2).sum(dim=1, keepdim=True)  # (B, 1)
-    return lambda c: (c - y[:, None]).pow(2).sum(dim=-1) * hn2
+
+    def make(perm: torch.Tensor | None) -> Score:
+        ps, yy = (p_s, y) if perm is None else (p_s.gather(1, perm), y.gather(1, perm))
+        if objective == "angular":
+            v = ps - yy
+            pv, pp, nv = (ps * v).sum(1, keepdim=True), (ps * ps).sum(1, keepdim=True), v.norm(dim=1, keepdim=True)
+
+            def angular(c: torch.Tensor) -> torch.Tensor:
+                n2 = pp - 2 * _dots(c, ps) + c.pow(2).sum(dim=-1)  # ||p_s - c||^2
+                cos = (pv - _dots(c, v)) / (n2.clamp_min(0).sqrt().clamp_min(1e-12) * nv.clamp_min(1e-12))
+                return 2 - 2 * cos
+
+            return angular
+        yn2 = yy.pow(2).sum(dim=1, keepdim=True)
+        return lambda c: (c.pow(2).sum(dim=-1) - 2 * _dots(c, yy) + yn2) * hn2
+
+    return make
 
 
 def mad_batched(y: torch.Tensor, p_s: torch.Tensor, h: torch.Tensor, *, epsilon: float, oracle: str,
                 objective: str, max_evals: int = 1024) -> torch.Tensor:
     """MAD's answer (B, K) float64 for answers ``y`` (B, K), surrogate softmax ``p_s`` (B, K), features ``h`` (B, F)."""
-    y = y.double()
+    y, p_s, h = y.double(), p_s.double(), h.double()
     target = oracle_target(y, closed_form_score(p_s, h, y, objective=objective), oracle=oracle, max_evals=max_evals)
     return line_search(y, target, epsilon=epsilon)
 
@@ -172,7 +206,7 @@ def jacobian_last_layer(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """(K, D): row k = d(-log softmax_k(model(x)))/d(last Linear weight), flattened; ``x`` is one row (1, C, H, W)."""
     w = last_linear(model).weight
     with torch.inference_mode(False), torch.enable_grad():
-        logp = torch.log_softmax(model(x.clone()).double(), dim=1)[0]
+        logp = torch.log_softmax(model(x.clone()), dim=1)[0]
         rows = [torch.autograd.grad(-logp[k], w, retain_graph=True)[0].flatten() for k in range(logp.shape[0])]
     return torch.stack(rows).double()
 
@@ -187,15 +221,20 @@ def mad_reference(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epsilon
     for i in range(len(x)):
         g = jacobian_last_layer(model, x[i : i + 1])  # (K, D)
         yi = y[i : i + 1].double()
-        gy = yi @ g  # (1, D)
 
-        def score(c: torch.Tensor, g=g, gy=gy) -> torch.Tensor:
-            gc = c @ g  # (1, M, D)
-            if objective == "angular":
-                return (_unit(gc) - _unit(gy)[:, None]).pow(2).sum(dim=-1)
-            return (gc - gy[:, None]).pow(2).sum(dim=-1)
+        def make(perm: torch.Tensor | None, g: torch.Tensor = g, yi: torch.Tensor = yi) -> Score:
+            gp = g if perm is None else g[perm[0]]
+            gy = (yi if perm is None else yi.gather(1, perm)) @ gp  # (1, D)
 
-        target = oracle_target(yi, score, oracle=oracle, max_evals=max_evals)
+            def score(c: torch.Tensor) -> torch.Tensor:
+                gc = torch.matmul(c, gp).reshape(1, -1, gp.shape[1])  # (1, M, D)
+                if objective == "angular":
+                    return (_unit(gc) - _unit(gy)[:, None]).pow(2).sum(dim=-1)
+                return (gc - gy[:, None]).pow(2).sum(dim=-1)
+
+            return score
+
+        target = oracle_target(yi, make, oracle=oracle, max_evals=max_evals)
         out.append(line_search(yi, target, epsilon=epsilon))
     return torch.cat(out)
 
