@@ -1,0 +1,178 @@
+"""Serve cost of every output defense step next to the undefended oracle, and MAD batched vs its reference.
+
+For each step (RandP, MAD, GRAD², the postprocessors, the Adaptive Misinformation gate) it times
+``victim softmax -> step`` over the same rows in batches, under ``torch.inference_mode()`` as an oracle
+runs them, against plain ``victim softmax``; the configurations alternate within each round (so load
+from other processes hits all alike) and rows/s are of the median round. Surrogates, the detector and
+the misinformation model are LeNet5-sized (the victim's architecture).
+
+Then MAD's batched closed form against the per-example autograd-Jacobian reference
+(:func:`misleader.defenses.mad.mad_reference`) on the same ``--mad-rows`` queries, for both oracles and
+both objectives: rows/s of each and the largest difference of their answers.
+
+Usage::
+
+    OMP_NUM_THREADS=1 python bench/bench_output_defenses.py                   # random LeNet5, MNIST test rows
+    OMP_NUM_THREADS=1 python bench/bench_output_defenses.py --victim runs/v_mnist
+
+Writes ``bench/results/output_defenses.json`` (or ``--out``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from misleader.data.loader import to_unit
+from misleader.defenses.mad import mad_batched, mad_reference, surrogate_features
+from misleader.models import create_model
+from misleader.oracle.steps import STEPS, StepContext
+from misleader.utils import environment, resolve_device, write_json
+
+CONFIGS: list[tuple[str, dict]] = [
+    ("randp", {"epsilon": 0.5}),
+    ("randp", {"epsilon": 1.0, "form": "logit"}),
+    ("mad", {"epsilon": 0.5, "oracle": "extreme", "objective": "angular", "surrogate": "s"}),
+    ("mad", {"epsilon": 0.5, "oracle": "argmax", "objective": "angular", "surrogate": "s"}),
+    ("grad2", {"epsilon": 0.5, "target": "all_ones", "surrogates": ["s"]}),
+    ("grad2", {"epsilon": 0.5, "target": "min_ip", "surrogates": ["s"]}),
+    ("reverse_sigmoid", {"beta": 0.7, "gamma": 0.4}),
+    ("round", {"decimals": 2}),
+    ("top_k", {"k": 1}),
+    ("labels", {}),
+    ("gaussian", {"scale": 0.2}),
+    ("adaptive_misinfo", {"tau": 0.9, "nu": 1000.0, "misinfo": "s", "detector": "d"}),
+]
+
+
+def _label(type_name: str, spec: dict) -> str:
+    keys = [f"{k}={v}" for k, v in spec.items() if k not in ("surrogate", "surrogates", "misinfo", "detector")]
+    return f"{type_name}({', '.join(keys)})"
+
+
+def _inputs(n: int, *, data_dir: str | None) -> tuple[torch.Tensor, str]:
+    try:
+        from misleader.data.datasets import load_dataset
+
+        return to_unit(load_dataset("mnist", data_dir=data_dir).x_test[:n]), "mnist test rows"
+    except Exception:  # noqa: BLE001 - no data: random images cost the same
+        return torch.rand(n, 1, 32, 32, generator=torch.Generator().manual_seed(0)), "uniform random images"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--victim", default=None, help="victim folder (default: a randomly initialised MNIST LeNet5)")
+    p.add_argument("--rows", type=int, default=2048, help="rows per timed pass")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--mad-rows", type=int, default=1000, help="queries for MAD batched vs reference")
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads on CPU (default 1)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    dev = resolve_device(args.device)
+    import misleader.defenses  # noqa: F401  (registers the steps)
+
+    if args.victim:
+        from misleader.training.checkpoint import load_model
+
+        victim, meta = load_model(args.victim, device=dev)
+        arch = meta["arch"]
+    else:
+        torch.manual_seed(0)
+        arch = "lenet5"
+        victim = create_model(arch, in_channels=1, num_classes=10).to(dev).eval()
+    models = {}
+    for i, name in enumerate(("s", "d")):
+        torch.manual_seed(100 + i)
+        models[name] = create_model(arch, in_channels=1, num_classes=10).to(dev).eval()
+    ctx = StepContext(folder=Path("."), device=dev, generator=torch.Generator(device=dev).manual_seed(0),
+                      num_classes=10, input_shape=(1, 32, 32), load_model=models.__getitem__)
+    steps = {_label(t, s): STEPS.get(t).from_manifest(s, ctx=ctx) for t, s in CONFIGS}
+    x, source = _inputs(args.rows, data_dir=args.data_dir)
+    x = x.to(dev)
+
+    def run(step) -> None:  # noqa: ANN001
+        with torch.inference_mode():
+            for xb in x.split(args.batch_size):
+                y = torch.softmax(victim(xb).float(), dim=1)
+                if step is None:
+                    continue
+                if step.kind == "gate":
+                    a = step.weight(y, xb)[:, None]
+                    y = (1 - a) * y + a * step.branch(xb)
+                else:
+                    y = step(y, xb)
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+
+    names = ["undefended", *steps]
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for n in names:  # warm-up
+        run(steps.get(n))
+    for r in range(args.rounds):
+        order = names if r % 2 == 0 else names[::-1]
+        for n in order:
+            t0 = time.perf_counter()
+            run(steps.get(n))
+            times[n].append(time.perf_counter() - t0)
+    base = args.rows / statistics.median(times["undefended"])
+    serve = {n: {"rows_per_s": args.rows / statistics.median(ts), "ratio_to_undefended":
+                 (args.rows / statistics.median(ts)) / base} for n, ts in times.items()}
+
+    # MAD: batched closed form (as the step serves: float32 surrogate, float64 oracle) vs the per-example
+    # autograd-Jacobian reference (float32 surrogate, as the original code runs), on the same queries
+    xm = x[: args.mad_rows]
+    with torch.inference_mode():
+        ym = torch.softmax(victim(xm).float(), dim=1)
+    ym = ym.clone()
+    surrogate = models["s"]
+    mad = {}
+    for oracle in ("extreme", "argmax"):
+        for objective in ("angular", "plain"):
+            def batched() -> torch.Tensor:
+                with torch.no_grad():
+                    p_s, h = surrogate_features(surrogate, xm)
+                    return mad_batched(ym, p_s, h, epsilon=0.5, oracle=oracle, objective=objective)
+
+            batched()  # warm-up (candidate tables)
+            t0 = time.perf_counter()
+            fast = batched()
+            t_fast = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            slow = mad_reference(surrogate, xm, ym, epsilon=0.5, oracle=oracle, objective=objective)
+            t_slow = time.perf_counter() - t0
+            mad[f"{oracle}/{objective}"] = {
+                "batched_rows_per_s": len(xm) / t_fast, "reference_rows_per_s": len(xm) / t_slow,
+                "speedup": t_slow / t_fast, "max_abs_diff": float((fast - slow).abs().max())}
+
+    result = {"command": "python " + " ".join(shlex.quote(a) for a in sys.argv), "arch": arch,
+              "victim": args.victim or "random lenet5", "inputs": source, "rows": args.rows,
+              "batch_size": args.batch_size, "rounds": args.rounds, "threads": args.threads, "device": str(dev),
+              "load_average": os.getloadavg(), "serve": serve, "mad_batched_vs_reference": mad,
+              "environment": environment()}
+    out = Path(args.out) if args.out else Path(__file__).parent / "results" / "output_defenses.json"
+    write_json(out, result)
+    print(f"{'defense step':55s} {'rows/s':>10s} {'x undefended':>13s}")
+    for n, s in serve.items():
+        print(f"{n:55s} {s['rows_per_s']:10.0f} {s['ratio_to_undefended']:13.2f}")
+    print(f"\nMAD on {len(xm)} queries: {'batched rows/s':>15s} {'reference rows/s':>17s} {'speedup':>8s} {'max diff':>9s}")
+    for n, m in mad.items():
+        print(f"{n:24s} {m['batched_rows_per_s']:15.0f} {m['reference_rows_per_s']:17.1f} {m['speedup']:8.0f} "
+              f"{m['max_abs_diff']:9.1e}")
+    print(f"load average {os.getloadavg()}; wrote {out}")
+    return json.loads(json.dumps(result, default=str))
+
+
+if __name__ == "__main__":
+    main()
