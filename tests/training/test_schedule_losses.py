@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from misleader.training.losses import kl_from_log_probs, kl_rows
+from misleader.training.losses import kl_rows
 from misleader.training.schedule import cosine_factor, cosine_lambda
 
 
@@ -41,11 +41,3 @@ def test_kl_rows_hand_values():
     assert kl_rows(p + 3.0, q - 1.0).tolist() == pytest.approx([0.5 * math.log(4 / 3), 0.0], abs=1e-6)
     assert float(kl_rows(q, p)[0]) == pytest.approx(0.25 * math.log(0.5) + 0.75 * math.log(1.5), abs=1e-6)
     assert kl_rows(p.half(), q.half()).dtype == torch.float32
-
-
-def test_kl_from_log_probs_hand_values_and_explicit_p():
-    p = torch.tensor([[0.2, 0.8]])
-    q = torch.tensor([[0.5, 0.5]])
-    want = 0.2 * math.log(0.4) + 0.8 * math.log(1.6)
-    assert float(kl_from_log_probs(p.log(), q.log())) == pytest.approx(want, abs=1e-6)
-    assert float(kl_from_log_probs(p.log(), q.log(), p=p)) == pytest.approx(want, abs=1e-6)
