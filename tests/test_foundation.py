@@ -80,30 +80,6 @@ def test_same_seed_same_weights(tmp_path):
     assert a != (tmp_path / "c" / "model.safetensors").read_bytes()
 
 
-def test_resume_after_interrupt_gives_the_same_model(tmp_path, monkeypatch):
-    import misleader.training.train as tr
-
-    kw = dict(dataset="digits", arch="lenet5_fifth", epochs=3, seed=5, device="cpu")
-    train_victim(out=tmp_path / "full", **kw)
-    real = tr.predict_probs
-    calls = {"n": 0}
-
-    def interrupt_after_two_epochs(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        return real(*a, **k)
-
-    monkeypatch.setattr(tr, "predict_probs", interrupt_after_two_epochs)
-    with pytest.raises(KeyboardInterrupt):
-        train_victim(out=tmp_path / "resumed", **kw)
-    assert (tmp_path / "resumed" / "resume.safetensors").exists()
-    monkeypatch.setattr(tr, "predict_probs", real)
-    train_victim(out=tmp_path / "resumed", **kw)
-    assert (tmp_path / "full" / "model.safetensors").read_bytes() == (
-        tmp_path / "resumed" / "model.safetensors").read_bytes()
-
-
 def test_metrics():
     p = torch.tensor([[0.7, 0.3], [0.2, 0.8]])
     q = torch.tensor([[0.5, 0.5], [0.2, 0.8]])

@@ -32,12 +32,9 @@ def test_member_names_are_unique_and_stable(archs):
 
 
 @pytest.fixture(scope="module")
-def victim(tmp_path_factory) -> Path:
-    from misleader.training.victim import train_victim
-
-    out = tmp_path_factory.mktemp("victim")
-    train_victim(dataset="digits", arch=ARCH, epochs=4, out=out, device="cpu", seed=0)
-    return out
+def victim(tiny_victim) -> Path:
+    """The session's tiny digits victim (tests/conftest.py)."""
+    return tiny_victim
 
 
 FAST = {"batch_size": 128, "lr": 0.05}
@@ -118,3 +115,63 @@ def test_gpu_smoke_run(victim, tmp_path):
     assert res["members"][0]["val_accuracy"] > 0 and 0 <= res["test_accuracy"] <= 1
     for h in json.loads((tmp_path / "g" / "history.json").read_text()).values():
         assert all(math.isfinite(r["attacker_kl"]) for r in h)
+
+
+def _interrupt_members_after_epoch_1(monkeypatch, *, validations_per_epoch: int):
+    """Make the next defend_misleader stop in epoch 2 of its first member (epoch 1 is saved)."""
+    import misleader.defenses.misleader.trainer as trainer_mod
+
+    real, calls = trainer_mod.accuracy, {"n": 0}
+
+    def interrupt(*a, **k):  # the member's (and with lambda > 0 the clone's) validation, once per epoch
+        calls["n"] += 1
+        if calls["n"] == validations_per_epoch + 1:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(trainer_mod, "accuracy", interrupt)
+    return lambda: monkeypatch.setattr(trainer_mod, "accuracy", real)
+
+
+KD = {**FAST, "lambda": 0.0}  # plain distillation: the folder logic at a third of the cost
+
+
+@pytest.mark.parametrize("member_of", [False, True])
+def test_seed_4_never_resumes_a_seed_0_member(victim, tmp_path, monkeypatch, member_of):
+    out = tmp_path / "d"
+    kw = dict(victim=victim, members=[ARCH], epochs=2, out=out, device="cpu", member_settings=[KD],
+              generator_samples=16, member_of=tmp_path / "ens" if member_of else None)
+    restore = _interrupt_members_after_epoch_1(monkeypatch, validations_per_epoch=1)
+    with pytest.raises(KeyboardInterrupt):
+        defend_misleader(seed=0, **kw)
+    restore()
+    member_dir = out if member_of else out / "members" / ARCH
+    assert (member_dir / "resume.safetensors").exists()
+    with pytest.raises(MisleaderError, match=r"other settings \(seed: stored 0, requested 4\).*--force"):
+        defend_misleader(seed=4, **kw)
+    # --force starts over: the member is the one a clean seed-4 run trains, and it records seed 4
+    defend_misleader(seed=4, force=True, **kw)
+    defend_misleader(seed=4, **{**kw, "out": tmp_path / "clean", "member_of": tmp_path / "ens2" if member_of else None})
+    clean_dir = tmp_path / "clean" if member_of else tmp_path / "clean" / "members" / ARCH
+    assert (member_dir / "model.safetensors").read_bytes() == (clean_dir / "model.safetensors").read_bytes()
+    assert json.loads((member_dir / "model.json").read_text())["seed"] == 4
+
+
+def test_unreadable_member_resume_file_is_refused_and_force_starts_over(victim, tmp_path, monkeypatch):
+    kw = dict(victim=victim, members=[ARCH], epochs=2, device="cpu", seed=0, member_settings=[KD],
+              generator_samples=16, out=tmp_path / "d")
+    restore = _interrupt_members_after_epoch_1(monkeypatch, validations_per_epoch=1)
+    with pytest.raises(KeyboardInterrupt):
+        defend_misleader(**kw)
+    restore()
+    (tmp_path / "d" / "members" / ARCH / "resume.safetensors").write_bytes(b"not a resume file")
+    with pytest.raises(MisleaderError, match=r"resume\.safetensors is unreadable.*--force"):
+        defend_misleader(**kw)
+    res = defend_misleader(force=True, **kw)
+    assert res["members"][0]["epochs_run"] == 2 and (tmp_path / "d" / "result.json").exists()
+
+
+def test_base_other_than_the_victim_is_refused(victim, tmp_path):
+    with pytest.raises(MisleaderError, match="misleader distils the victim itself; compose by passing this folder"):
+        defend_misleader(victim=victim, members=[ARCH], epochs=1, out=tmp_path / "d", base=tmp_path / "other")
+    assert not (tmp_path / "d").exists()

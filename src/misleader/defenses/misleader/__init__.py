@@ -25,7 +25,15 @@ plain knowledge distillation (the clone and the augmentation are then skipped en
 Files: ``defend_misleader(out=DIR)`` writes ``DIR/members/NAME/`` (``model.safetensors`` +
 ``model.json`` the member, ``clone.*`` its inner clone, ``history.json``, ``result.json``),
 ``DIR/plan.json`` (what was asked), ``DIR/manifest.json`` (what :func:`misleader.load_oracle` opens),
-``DIR/history.json`` and ``DIR/result.json``.
+``DIR/history.json`` and ``DIR/result.json``; ``DIR/fingerprint.json`` holds the settings, so that a
+re-run resumes only with the same ones (an unfinished member resumes from
+``members/NAME/resume.safetensors`` after its last epoch), see :func:`defend_misleader`.
+
+Package layout: :mod:`~misleader.defenses.misleader.config` (settings, defaults, presets),
+:mod:`~misleader.defenses.misleader.losses`, :mod:`~misleader.defenses.misleader.trainer` (the
+per-batch updates and one member's epochs, run by :func:`misleader.training.loop.fit`),
+:mod:`~misleader.defenses.misleader.diagnostics` and :mod:`~misleader.defenses.misleader.folder`
+(the ensemble folder).
 
 Deviations from the reference code:
     * ``a_iter`` inner steps are real optimiser steps. The reference computes the same loss on the
@@ -85,6 +93,6 @@ from misleader.defenses.misleader.trainer import MemberResult, MemberTrainer, re
 
 __all__ = [
     "AUTO_PRESET", "DEFAULT_MEMBER_SETTINGS", "MemberConfig", "MemberResult", "MemberTrainer", "PRESETS", "Preset",
-    "REFERENCE_INNER", "attacker_term", "clone_loss", "defend_misleader", "evaluate_defense", "kd_loss",
-    "member_config", "member_names", "member_seed", "train_member",
+    "REFERENCE_INNER", "attacker_term", "clone_loss", "defend_misleader", "evaluate_defense", "get_preset", "kd_loss",
+    "kl_rows", "member_config", "member_names", "member_seed", "resolve_clean_augment", "train_member",
 ]

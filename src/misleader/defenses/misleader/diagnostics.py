@@ -12,10 +12,9 @@ from torch import nn
 
 from misleader.data.augment import augment, strong_augmentation
 from misleader.data.loader import to_unit
-from misleader.metrics import accuracy, fidelity, mean_l1
+from misleader.metrics import accuracy, fidelity, kl_divergence, mean_l1
 from misleader.models import GeneratorA, tanh_to_unit
 from misleader.training.evaluate import predict_probs
-from misleader.training.losses import kl_from_log_probs
 from misleader.utils import derive_seed, make_generator
 
 def _diag_inputs(x_test: torch.Tensor, *, channels: int, size: int, seed: int, n_gen: int) -> dict[str, torch.Tensor]:
@@ -33,10 +32,7 @@ def _diag_inputs(x_test: torch.Tensor, *, channels: int, size: int, seed: int, n
 
 
 def _compare(p_victim: torch.Tensor, p_def: torch.Tensor) -> dict[str, float]:
-    eps = 1e-8
-    pv, pd = p_victim.clamp_min(eps), p_def.clamp_min(eps)
-    kl = float(kl_from_log_probs(pv.log(), pd.log(), p=pv).mean())
-    return {"kl_victim_to_defense": kl, "mean_l1_to_victim": mean_l1(p_def, p_victim),
+    return {"kl_victim_to_defense": kl_divergence(p_victim, p_def, eps=1e-8), "mean_l1_to_victim": mean_l1(p_def, p_victim),
             "fidelity": fidelity(p_def, p_victim)}
 
 
