@@ -66,8 +66,8 @@ def check_out_dir(out: str | Path) -> Path:
         os.close(fd)
         os.unlink(probe)
     except OSError as exc:
-        raise MisleaderError(f"--out {out} cannot be written ({exc.strerror or exc}): pass a folder you can "
-                             "write to") from None
+        raise MisleaderError(f"--out {out} cannot be written: no file can be created in {parent} "
+                             f"({exc.strerror or exc}): pass a folder you can write to") from None
     return out
 
 
