@@ -197,3 +197,12 @@ def test_pool_choice_sees_only_public_metadata(tiny_victim, tmp_path, monkeypatc
     run_attack("knockoff", target=tiny_victim, budget=10, clone_arch="lenet5_fifth", out=tmp_path / "p",
                device="cpu", options={"epochs": 0})
     assert seen == [{"dataset": "digits", "input_shape": [1, 32, 32], "num_classes": 10}]
+
+
+def test_cli_attack_out_errors_are_one_line(tiny_victim, tmp_path, capsys):
+    (tmp_path / "f").write_text("x")
+    for out in ("/proc/foo", str(tmp_path / "f")):
+        rc = main(["-q", "attack", "knockoff", "--target", str(tiny_victim), "--budget", "10", "--clone-arch",
+                   "lenet5_fifth", "--out", out, "--device", "cpu"])
+        err = capsys.readouterr().err
+        assert rc == 2 and err.count("\n") == 1 and "--out" in err and "Traceback" not in err

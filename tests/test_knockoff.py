@@ -65,9 +65,16 @@ class SpyOracle(Oracle):
         if self.budget is not None and self.queries_used + len(x) > self.budget:
             raise AssertionError("the attack asked for more than its budget")
         out = self.inner.query(x)
-        self._used += len(x)
         self.answers.append(out)
         return out
+
+    @property
+    def queries_used(self) -> int:  # the count lives in the inner (sealed) oracle
+        return self.inner.queries_used
+
+    @property
+    def remaining(self) -> int | None:
+        return None if self.budget is None else self.budget - self.queries_used
 
     def _probs(self, x):  # pragma: no cover - never called: query is overridden
         raise AssertionError("the spy never evaluates itself")

@@ -23,6 +23,8 @@ from misleader.errors import MisleaderError
 from misleader.utils import read_json, write_json
 
 FINGERPRINT_FILE = "fingerprint.json"
+#: bookkeeping the experiment runner writes into a run's folder before calling the command's API
+RUNNER_FILES = frozenset({"config.yaml", "env.json", "error.txt"})
 
 
 def _canonical(settings: dict[str, Any]) -> str:
@@ -64,8 +66,8 @@ def check_out_dir(out: str | Path) -> Path:
         os.close(fd)
         os.unlink(probe)
     except OSError as exc:
-        raise MisleaderError(f"--out {out} cannot be written ({exc.strerror or exc}): pass a folder you can "
-                             "write to") from None
+        raise MisleaderError(f"--out {out} cannot be written: no file can be created in {parent} "
+                             f"({exc.strerror or exc}): pass a folder you can write to") from None
     return out
 
 
@@ -94,7 +96,7 @@ def claim_out_dir(out: str | Path, settings: dict[str, Any], *, force: bool = Fa
             diff = _first_difference(stored.get("settings", {}) if isinstance(stored, dict) else {}, settings)
             raise MisleaderError(f"{out} holds a {command} run with other settings ({diff}): pass another --out, "
                                  "or --force to start over")
-    elif out.exists() and any(out.iterdir()):
+    elif out.exists() and any(c.name not in RUNNER_FILES for c in out.iterdir()):
         # never wipe a folder that this project did not write, even with --force
         raise MisleaderError(f"{out} is not empty and was not written by {command}: pass another --out")
     if force and path.exists():
@@ -108,4 +110,4 @@ def claim_out_dir(out: str | Path, settings: dict[str, Any], *, force: bool = Fa
     return False
 
 
-__all__ = ["FINGERPRINT_FILE", "check_out_dir", "claim_out_dir", "settings_fingerprint"]
+__all__ = ["FINGERPRINT_FILE", "RUNNER_FILES", "check_out_dir", "claim_out_dir", "settings_fingerprint"]
