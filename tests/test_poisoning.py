@@ -13,7 +13,6 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-import torch
 
 from misleader.data import DATASETS
 
@@ -61,14 +60,6 @@ def _attack(target: Path, out: Path, proxy: Path) -> tuple[dict[str, str], dict[
                          seed=0, labels=labels, pool=f"npz:{proxy}" if pool == "proxy" else pool, options=options)
         accs[name] = res["clone_accuracy"]
     return _weights(out), accs
-
-
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_poisoned_test_split_changes_no_victim_or_defense_checkpoint(tmp_path, monkeypatch, one_thread):
