@@ -143,6 +143,9 @@ def test_readable_id_prefixes() -> None:
         (lambda s: s["attacks"][0].update(pool="atacker"), r"unknown pool 'atacker' \(did you mean 'attacker'"),
         (lambda s: s["attacks"][0].update(pool="digits"), r"pool 'digits' is the victim's own dataset"),
         (lambda s: s["defenses"][1].update(preset="mnist-gpu"), r"defenses\[1\]: unknown MISLEADER preset"),
+        (lambda s: s.update(dataset="npz:/data/own.npz") or s["attacks"].append({"name": "dfms-hl", "budgets": [100]}),
+         r"attacks\[3\].pool: dfms-hl has no default proxy set for a 'npz:/data/own.npz' target: pass `pool:`"),
+        (lambda s: s["victim"].update(split={"attacker_fraction": 0}), r"attacks\[0\].pool: the attacker split is empty"),
         (lambda s: s["defenses"][1].update(member_settings=[{"lamda": 1}, {}]),
          r"defenses\[1\]: unknown member setting 'lamda'"),
         (lambda s: s["defenses"][1].update(member_settings=[{"lambda": "big"}, {}]),
@@ -242,7 +245,7 @@ def test_data_dir_placeholder(tmp_path: Path) -> None:
 
 def test_default_labels_follow_what_the_attack_can_use() -> None:
     spec = base()
-    spec["attacks"].append({"name": "dfms-hl", "pool": "mnist", "budgets": [100]})
+    spec["attacks"].append({"name": "dfms-hl", "pool": "mnist", "budgets": [100]})  # mnist: not the victim's
     p = parse_spec(spec)
     assert p.attacks[-1].labels == "hard" and p.attacks[-1].label == "dfms-hl-hard"
 
