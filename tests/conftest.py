@@ -31,6 +31,15 @@ def seed() -> int:
     return 0
 
 
+@pytest.fixture
+def one_thread():
+    """One torch thread during the test, like a Ray task with num_cpus=1 (bitwise-comparable results)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 @pytest.fixture(scope="session")
 def tiny_victim(tmp_path_factory) -> Path:
     """A victim folder: lenet5_fifth trained 3 epochs on the embedded digits (about a second; seed 0)."""

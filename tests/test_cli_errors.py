@@ -102,3 +102,18 @@ def test_figures_are_written_atomically(tmp_path, monkeypatch):
         save_figure(fig, path)
     assert path.read_bytes() == first and [p.name for p in tmp_path.iterdir()] == ["fig.png"]
     plt.close(fig)
+
+
+@pytest.mark.parametrize("flag,value,words", [("--lr", "-1", "finite number > 0"), ("--lr", "nan", "finite number > 0"),
+                                              ("--lr", "fast", "expected a number"),
+                                              ("--epochs", "abc", "expected a whole number")])
+def test_bad_numbers_are_argparse_errors(tmp_path, capsys, flag, value, words):
+    argv = ["train-victim", "--dataset", "digits", "--arch", "lenet5_fifth", "--device", "cpu",
+            "--epochs", value if flag == "--epochs" else "1", "--out", str(tmp_path / "v")]
+    if flag != "--epochs":
+        argv += [flag, value]
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and words in err and "Traceback" not in err
+    assert not (tmp_path / "v").exists()

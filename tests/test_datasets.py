@@ -271,7 +271,10 @@ def test_split_spec_validation():
         SplitSpec(val_fraction=0.5, attacker_fraction=0.45)
     with pytest.raises(ValueError):
         make_splits(1)  # no row left for training
-    assert SplitSpec(seed=3).to_dict() == {"seed": 3, "val_fraction": 1 / 12, "attacker_fraction": 1 / 6}
+    spec = SplitSpec(seed=3)
+    assert SplitSpec(**spec.to_dict()) == spec  # what a victim folder records rebuilds the same split
+    s = make_splits(60_000)  # the defaults give the paper's MNIST split: 45k defender, 5k validation, 10k attacker
+    assert (len(s.train), len(s.val), len(s.attacker)) == (45_000, 5_000, 10_000)
 
 
 # --------------------------------------------------------------------------- loader

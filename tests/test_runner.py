@@ -33,15 +33,6 @@ TINY = {
 }
 
 
-@pytest.fixture
-def one_thread():
-    """Local runs with one torch thread, like a Ray task with num_cpus=1 (bitwise-comparable results)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def _finished_files(out: Path) -> dict[str, float]:
     """mtime of every file inside finished run folders."""
     files = {}

@@ -6,7 +6,7 @@ import argparse
 import json
 import logging
 
-from misleader.commands.common import add_common, positive_int
+from misleader.commands.common import add_common, positive_float, positive_int
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +23,7 @@ def add_parser(sub) -> None:  # noqa: ANN001
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--recipe", default=None, help="adam | mnist | sgd | sgd-cosine (default: mnist for 1-channel data, sgd else)")
     p.add_argument("--batch-size", type=positive_int, default=None)
-    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--lr", type=positive_float, default=None)
     p.add_argument("--no-amp", action="store_true", help="disable mixed precision on CUDA")
     p.add_argument("--force", action="store_true",
                    help="start over in --out (by default a re-run resumes, and only with the same settings)")

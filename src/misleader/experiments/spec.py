@@ -644,6 +644,14 @@ def parse_spec(obj: Any, *, source: str = "spec") -> ExperimentSpec:
         pool = None if a.get("pool") is None else _str(a["pool"], f"{w}.pool")
         if pool is not None:
             _check_pool(pool, attack_cls=attack_cls, dataset=dataset, where=f"{w}.pool")
+        if getattr(attack_cls, "needs_pool", False):
+            try:  # the pool the harness will use (its choice sees the dataset name only)
+                used = pool if pool is not None else attack_cls.choose_pool({"dataset": dataset})
+            except MisleaderError as exc:
+                raise _fail(f"{w}.pool", str(exc).replace("--pool", "`pool:`")) from None
+            if used == "attacker" and split is not None and split.get("attacker_fraction") == 0:
+                raise _fail(f"{w}.pool", "the attacker split is empty (victim.split.attacker_fraction: 0): name "
+                                         "another pool")
         eval_every = None if a.get("eval_every") is None else parse_budget(a["eval_every"], f"{w}.eval_every")
         a_seeds = None
         if "seeds" in a:
