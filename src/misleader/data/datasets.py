@@ -212,7 +212,7 @@ FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sanda
 
 
 @DATASETS.register("fashion-mnist")
-def fashion-mnist(*, root: Path) -> Dataset:
+def fashion_mnist(*, root: Path) -> Dataset:
     return _mnist_like(root, folder="FashionMNIST", name="fashion-mnist", classes=FASHION_CLASSES)
 
 
