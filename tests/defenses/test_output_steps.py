@@ -186,3 +186,11 @@ def test_builders_pass_their_steps_and_record_serve_cost(name: str, tiny_victim,
     assert step.to_manifest() == entry
     assert result["serve"]["rows_per_s"] > 0 and result["serve"]["base_rows_per_s"] > 0
     assert result["max_l1_to_victim"] == 0.0  # the stub folder answers like the victim
+
+
+def test_grad2_works_with_frozen_served_models() -> None:
+    model = tiny_net(7).float()
+    x, y = random_x(5), random_probs(5, seed=1)
+    want = redirection_coefficients(model, x, y, target="all_ones")
+    model.requires_grad_(False)  # a loader may freeze the models it serves
+    assert torch.equal(redirection_coefficients(model, x, y, target="all_ones"), want)

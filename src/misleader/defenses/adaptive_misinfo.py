@@ -106,7 +106,7 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tau", type=float, default=0.9, help="top-1 threshold below which answers turn to misinformation")
     p.add_argument("--nu", type=float, default=1000.0, help="gate sharpness (reference: 10000; Mazeika: 1000)")
     p.add_argument("--epochs", type=int, default=2, help="joint training epochs of detector and misinformation model")
-    p.add_argument("--oe", default=None, help="outlier-exposure dataset (default: fashion_mnist for MNIST victims, "
+    p.add_argument("--oe", default=None, help="outlier-exposure dataset (default: fashion-mnist for MNIST victims, "
                                               "mnist for Fashion-MNIST, cifar100 for CIFAR-10, noise for digits)")
     p.add_argument("--oe-lambda", type=float, default=1.0, help="weight of the OE term")
 

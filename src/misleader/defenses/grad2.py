@@ -42,13 +42,15 @@ def redirection_coefficients(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
 
     Shapes: x (B, C, H, W), y (B, K) -> (B, K) float32.
     """
-    params = [p for p in model.parameters() if p.requires_grad]
     with torch.inference_mode(False), torch.enable_grad():
+        # fresh leaves for the parameters: works whether or not the served model's parameters require grad
+        params = {n: p.detach().requires_grad_(True) for n, p in model.named_parameters()}
+        buffers = dict(model.named_buffers())
         xv = x.clone()
         yv = y.clone().float().requires_grad_(True)
-        logp = torch.log_softmax(model(xv).float(), dim=1)
+        logp = torch.log_softmax(torch.func.functional_call(model, {**params, **buffers}, (xv,)).float(), dim=1)
         loss = (yv * logp).sum(dim=1).mean()
-        grads = torch.autograd.grad(loss, params, create_graph=True)
+        grads = torch.autograd.grad(loss, list(params.values()), create_graph=True)
         if target == "min_ip":
             j = sum((g * g.detach()).sum() for g in grads)
         else:
@@ -131,7 +133,7 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=int, nargs="+", default=None,
                    help="distillation epochs, one surrogate each (default: 10 for all_ones, 10 20 30 40 for min_ip)")
     p.add_argument("--transfer", default=None,
-                   help="dataset the surrogates are distilled on (default: fashion_mnist for MNIST victims, "
+                   help="dataset the surrogates are distilled on (default: fashion-mnist for MNIST victims, "
                         "mnist for Fashion-MNIST, cifar100 for CIFAR-10, else the defender's own split)")
 
 

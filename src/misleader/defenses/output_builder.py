@@ -29,7 +29,7 @@ from misleader.utils import make_generator, read_json, resolve_device, write_jso
 log = logging.getLogger(__name__)
 
 #: the defender's default transfer / outlier-exposure set per victim dataset (another dataset than its own)
-OTHER_DATASET = {"mnist": "fashion_mnist", "fashion_mnist": "mnist", "cifar10": "cifar100", "cifar100": "cifar10",
+OTHER_DATASET = {"mnist": "fashion-mnist", "fashion-mnist": "mnist", "cifar10": "cifar100", "cifar100": "cifar10",
                  "digits": "noise"}
 #: rows the serve cost and the max L1 are measured on
 SERVE_ROWS = 4096
@@ -78,7 +78,7 @@ def transfer_dataset(*, victim: str | Path, data_dir: str | Path | None, name: s
         x = load_dataset(name, data_dir=data_dir).x_train
     if tuple(x.shape[1:]) != tuple(meta["input_shape"]):
         raise MisleaderError(f"transfer set {name!r} has images {tuple(x.shape[1:])} but the victim takes "
-                             f"{tuple(meta['input_shape'])}: choose a dataset of the same shape (e.g. fashion_mnist "
+                             f"{tuple(meta['input_shape'])}: choose a dataset of the same shape (e.g. fashion-mnist "
                              "for an MNIST victim)")
     if limit is not None and limit < len(x):
         x = x[torch.randperm(len(x), generator=g)[:limit]]
