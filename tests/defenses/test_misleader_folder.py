@@ -103,7 +103,7 @@ def test_cli_defend_and_undefended(victim, tmp_path, capsys):
     assert main(["-q", "defend", "undefended", "--victim", str(victim), "--out", str(tmp_path / "u")]) == 0
     x = torch.rand(5, 1, 32, 32)
     assert torch.allclose(load_oracle(tmp_path / "u").query(x), load_oracle(victim).query(x), atol=1e-6)
-    assert DEFENSES.names() == ["misleader", "undefended"]
+    assert {"misleader", "undefended"} <= set(DEFENSES.names())
     assert defend_undefended(victim=victim)["fidelity"] == 1.0
 
 

@@ -146,31 +146,27 @@ def test_adaptive_misinformation_gate_weight_and_mix() -> None:
     assert not gate.hard
 
 
-def _stub_folder_writer(calls: list):
-    """A stand-in for ``misleader.defenses.folder`` (written by the pipeline work): records the call and
-    writes the victim as a plain defense folder, so the builders' own part (models, steps, serve cost) runs."""
-    import types
+def _spy_folder_writer(calls: list, monkeypatch):
+    """Wrap the real ``write_defense_folder`` to record the builder's call."""
+    import misleader.defenses.folder as folder
 
-    from misleader.defenses import defend_undefended
+    real = folder.write_defense_folder
 
-    def write_defense_folder(*, out, victim, base, defense, steps, models, params, seed, data_dir, device, force):
-        calls.append(dict(out=out, victim=victim, base=base, defense=defense, steps=steps, models=models,
-                          params=params, seed=seed))
-        return defend_undefended(victim=victim, out=out)
+    def write_defense_folder(**kwargs):
+        calls.append(kwargs)
+        return real(**kwargs)
 
-    return types.SimpleNamespace(write_defense_folder=write_defense_folder)
+    monkeypatch.setattr(folder, "write_defense_folder", write_defense_folder)
 
 
 @pytest.mark.parametrize("name", ["randp", "mad", "grad2", "am", "post"])
 def test_builders_pass_their_steps_and_record_serve_cost(name: str, tiny_victim, tmp_path, monkeypatch) -> None:
-    import sys
-
     from misleader.defenses.base import defense_spec
     from misleader.oracle.steps import STEPS
 
     torch.set_num_threads(1)
     calls: list = []
-    monkeypatch.setitem(sys.modules, "misleader.defenses.folder", _stub_folder_writer(calls))
+    _spy_folder_writer(calls, monkeypatch)
     spec = defense_spec(name)
     result = spec.build(victim=tiny_victim, base=None, out=tmp_path / name, data_dir=None, seed=0, device="cpu",
                         force=False, **spec.test_params)
@@ -185,7 +181,8 @@ def test_builders_pass_their_steps_and_record_serve_cost(name: str, tiny_victim,
     step = step_cls.from_manifest(entry, ctx=ctx)
     assert step.to_manifest() == entry
     assert result["serve"]["rows_per_s"] > 0 and result["serve"]["base_rows_per_s"] > 0
-    assert result["max_l1_to_victim"] == 0.0  # the stub folder answers like the victim
+    bound = step.l1_bound
+    assert 0.0 <= result["max_l1_to_victim"] <= (bound + 1e-5 if bound is not None else 2.0)
 
 
 def test_grad2_works_with_frozen_served_models() -> None:

@@ -61,7 +61,8 @@ class Pipeline:
     def trace(self, x: torch.Tensor) -> list[tuple[Step, torch.Tensor, torch.Tensor]]:
         """Run ``x`` and return ``(step, input, output)`` for every step (tests and diagnostics only)."""
         record: list[tuple[Step, torch.Tensor, torch.Tensor]] = []
-        self._run(x, record)
+        with torch.inference_mode():  # as the oracle runs it
+            self._run(x, record)
         return record
 
     def _run(self, x: torch.Tensor, record: list | None) -> torch.Tensor:
