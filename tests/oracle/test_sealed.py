@@ -140,3 +140,4 @@ def test_meta_sparse_and_non_float_tensors_are_value_errors(make, match):
         o.query(make())
     assert o.queries_used == 0
 
+
