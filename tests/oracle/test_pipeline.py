@@ -160,3 +160,14 @@ def test_undefended_folder_moves_with_its_victim(tiny_victim, tmp_path):
     assert torch.equal(load_oracle(tmp_path / "moved" / "u").query(x), load_oracle(tiny_victim).query(x))
     assert str(tmp_path) not in (tmp_path / "moved" / "u" / "manifest.json").read_text()
 
+
+
+def test_base_built_on_another_victim_is_refused(tiny_victim, tmp_path):
+    from misleader.defenses import defend_undefended
+    from misleader.training.checkpoint import read_sidecar, save_model
+
+    defend_undefended(victim=tiny_victim, out=tmp_path / "u")
+    meta = {k: read_sidecar(tiny_victim)[k] for k in ("dataset", "num_classes", "input_shape", "split")}
+    save_model(_tiny(9), tmp_path / "other", meta=meta)
+    with pytest.raises(MisleaderError, match="another victim"):
+        defend_undefended(victim=tmp_path / "other", base=tmp_path / "u", out=tmp_path / "x")

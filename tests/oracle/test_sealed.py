@@ -139,4 +139,3 @@ def test_meta_sparse_and_non_float_tensors_are_value_errors(make, match):
     with pytest.raises(ValueError, match=match):
         o.query(make())
     assert o.queries_used == 0
-

@@ -20,6 +20,7 @@ import pkgutil
 from typing import Any
 
 from misleader.defenses.base import DEFENSES, DefenseSpec, defense_spec, register_defense
+from misleader.defenses.undefended import defend_undefended
 
 log = logging.getLogger(__name__)
 
@@ -31,8 +32,6 @@ def _import_all() -> None:
 
 
 _import_all()
-
-from misleader.defenses.undefended import defend_undefended  # noqa: E402
 
 
 def build_defense(name: str, **kwargs: Any) -> dict[str, Any]:

@@ -47,6 +47,9 @@ def _victim_ref(victim: Path) -> dict[str, Any]:
     if t.kind != "victim":
         raise MisleaderError(f"--victim {victim} is a defense folder: pass the victim folder (train-victim), and the "
                              "defense to wrap as --base")
+    if not isinstance(t.meta.get("sha256"), str):
+        raise MisleaderError(f"--victim {victim}: its model.json records no sha256 of the weights: re-create it with "
+                             "`misleader train-victim`")
     return t.meta
 
 
@@ -132,13 +135,19 @@ def write_defense_folder(*, out: str | Path, victim: str | Path, base: str | Pat
     out, victim = Path(out), Path(victim)
     if base is not None and Path(base).resolve() == victim.resolve():
         base = None
-    claim_defense_out(out=out, victim=victim, base=base, defense=defense, params=params, seed=seed, force=force)
     vmeta = _victim_ref(victim)
     src = read_target(base if base is not None else victim)
     if (src.num_classes, src.input_shape) != (int(vmeta["num_classes"]), tuple(vmeta["input_shape"])):
         raise MisleaderError(f"--base {base} serves {src.num_classes} classes of {list(src.input_shape)}, the victim "
                              f"{vmeta['num_classes']} of {vmeta['input_shape']}: pass a base built on this victim")
     vsha = str(vmeta["sha256"])
+    if base is not None:
+        ref = src.meta.get("victim")
+        base_vsha = ref.get("sha256") if isinstance(ref, dict) else src.meta.get("victim_sha256")
+        if base_vsha is not None and base_vsha != vsha:
+            raise MisleaderError(f"--base {base} was built on another victim (sha256 {str(base_vsha)[:12]}... != "
+                                 f"{vsha[:12]}...): pass the victim it was built on, or a base built on this one")
+    claim_defense_out(out=out, victim=victim, base=base, defense=defense, params=params, seed=seed, force=force)
     table: dict[str, dict[str, Any]] = {}
     for name, ref in src.models.items():
         if ref.sidecar.resolve() == (victim.resolve() / "model.json") or name == "victim":

@@ -25,7 +25,7 @@ from torch import nn
 from misleader.errors import MisleaderError
 from misleader.oracle.base import Oracle
 from misleader.oracle.manifest import Target
-from misleader.oracle.steps import STEPS, BackendStep, GateStep, InputStep, OutputStep, Step, StepContext
+from misleader.oracle.steps import STEPS, BackendStep, GateStep, InputStep, Step, StepContext
 
 log = logging.getLogger(__name__)
 
