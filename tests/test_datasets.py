@@ -99,6 +99,8 @@ def test_missing_dataset_says_how_to_fix(tmp_path, name):
     with pytest.raises(MisleaderError) as info:
         load_dataset(name, data_dir=tmp_path)
     assert "--data-dir" in str(info.value) and "MISLEADER_DATA" in str(info.value)
+    assert "--download" not in str(info.value)  # no command has such a flag
+    assert f"download_dataset({name!r}" in str(info.value)
 
 
 def test_data_dir_defaults_to_env(tmp_path, monkeypatch):

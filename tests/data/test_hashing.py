@@ -34,10 +34,10 @@ def _npz(path: Path, x: np.ndarray, y: np.ndarray) -> Path:
 
 def _target(tmp_path: Path, n: int = 120) -> tuple[dict, np.ndarray, np.ndarray]:
     rng = np.random.default_rng(0)
-    x = rng.integers(0, 256, (n, 8, 8, 3), dtype=np.uint8)
+    x = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
     y = np.arange(n) % 10
     path = _npz(tmp_path / "victim_data.npz", x, y)
-    return {"dataset": f"npz:{path}", "input_shape": [3, 8, 8], "split": {}}, x, y
+    return {"dataset": f"npz:{path}", "input_shape": [3, 32, 32], "split": {}}, x, y
 
 
 def test_renamed_copy_of_the_defenders_data_is_refused(tmp_path):
@@ -48,7 +48,7 @@ def test_renamed_copy_of_the_defenders_data_is_refused(tmp_path):
     # the attacker split itself is fine and a pool of fresh images is untouched
     px, _ = load_pool("attacker", target_meta=meta)
     assert len(px) == 20
-    fresh = _npz(tmp_path / "fresh.npz", np.random.default_rng(1).integers(0, 256, (50, 8, 8, 3), dtype=np.uint8),
+    fresh = _npz(tmp_path / "fresh.npz", np.random.default_rng(1).integers(0, 256, (50, 32, 32, 3), dtype=np.uint8),
                  np.arange(50) % 10)
     assert len(load_pool(f"npz:{fresh}", target_meta=meta)[0]) == 50
 
@@ -58,7 +58,7 @@ def test_a_few_identical_rows_are_dropped(tmp_path):
 
     meta, x, y = _target(tmp_path)
     n = 300
-    fresh = np.random.default_rng(2).integers(0, 256, (n, 8, 8, 3), dtype=np.uint8)
+    fresh = np.random.default_rng(2).integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
     train_row = int(make_splits(len(x)).train[0])
     fresh[17] = x[train_row]  # one defender training image inside the pool (1/300 < MAX_OVERLAP)
     assert 1 <= MAX_OVERLAP * n
