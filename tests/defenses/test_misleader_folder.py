@@ -49,14 +49,17 @@ def test_defend_writes_a_folder_that_load_oracle_opens_as_the_soft_vote(victim, 
         assert key in res
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["kind"] == "defense" and manifest["defense"] == "misleader"
-    assert manifest["combine"] == "mean_softmax" and manifest["dataset"] == "digits"
-    assert [m["name"] for m in manifest["members"]] == [ARCH, f"{ARCH}-2"]
-    assert [m["lambda"] for m in manifest["members"]] == [1.0 * DEFAULT_MEMBER_SETTINGS[ARCH]["lam"], 0.0]
+    assert manifest["format"] == 2 and manifest["dataset"] == "digits"
+    assert manifest["steps"] == [{"kind": "backend", "type": "ensemble", "models": [ARCH, f"{ARCH}-2"],
+                                  "weights": None}]
+    params = manifest["params"]["members"]
+    assert [m["name"] for m in params] == [ARCH, f"{ARCH}-2"]
+    assert [m["lambda"] for m in params] == [1.0 * DEFAULT_MEMBER_SETTINGS[ARCH]["lam"], 0.0]
     history = json.loads((out / "history.json").read_text())
     assert set(history) == {ARCH, f"{ARCH}-2"} and history[ARCH][0]["attacker_kl"] is not None
     assert json.loads((out / "result.json").read_text())["test_accuracy"] == res["test_accuracy"]
 
-    members = [load_model(out / m["checkpoint"])[0] for m in manifest["members"]]
+    members = [load_model(out / m["checkpoint"])[0] for m in manifest["models"].values()]
     oracle = load_oracle(out, budget=50)
     x = torch.rand(20, 1, 32, 32, generator=torch.Generator().manual_seed(0))
     probs = oracle.query(x)
@@ -96,7 +99,7 @@ def test_cli_defend_and_undefended(victim, tmp_path, capsys):
     assert rc == 0
     summary = json.loads(capsys.readouterr().out)
     assert 0 <= summary["test_accuracy"] <= 1 and ARCH in summary["member_test_accuracy"]
-    assert json.loads((tmp_path / "d" / "manifest.json").read_text())["members"][0]["lambda"] == 0.2
+    assert json.loads((tmp_path / "d" / "manifest.json").read_text())["params"]["members"][0]["lambda"] == 0.2
     rc = main(["-q", "defend", "misleader", "--victim", str(victim), "--members", f"{ARCH},{ARCH}", "--epochs", "1",
                "--out", str(tmp_path / "e"), "--lambda", "0.1,0.2,0.3"])
     assert rc == 2 and "one per member" in capsys.readouterr().err

@@ -9,7 +9,6 @@ ensemble (arXiv 2506.02362, https://arxiv.org/abs/2506.02362); the training code
 from __future__ import annotations
 
 import argparse
-import inspect
 from typing import Any, Sequence
 
 from misleader.defenses.base import DefenseSpec, register_defense
@@ -110,16 +109,10 @@ def params_from_args(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def build(*, victim: Any, base: Any = None, force: bool = False, **kwargs: Any) -> dict[str, Any]:
-    """Run :func:`misleader.defenses.misleader.defend_misleader` (``base``/``force`` where it takes them)."""
+    """Run :func:`misleader.defenses.misleader.defend_misleader` (which refuses a ``base`` other than the victim)."""
     from misleader.defenses.misleader import defend_misleader
 
-    accepted = inspect.signature(defend_misleader).parameters
-    for key, value, default in (("base", base, None), ("force", force, False)):
-        if key in accepted:
-            kwargs[key] = value
-        elif value != default:
-            raise MisleaderError(f"defend misleader does not take --{key} in this version: leave it out")
-    return defend_misleader(victim=victim, **kwargs)
+    return defend_misleader(victim=victim, base=base, force=force, **kwargs)
 
 
 def check_params(*, members: Sequence[str], epochs: int, preset: str | None = None,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import time
 import zlib
@@ -154,15 +155,21 @@ def _assemble(out: Path, plan: dict[str, Any], *, victim_dir: Path, teacher: Cla
             "test_accuracy": ev["member_test_accuracy"][i], "fidelity": ev["member_fidelity"][i],
             "best_epoch": r["best_epoch"], "epochs_run": r["epochs_run"], "seconds": r["seconds"],
         })
+    # manifest format 2: the members as models inside the folder, one soft-voting ensemble backend step
+    models = {m["name"]: {"checkpoint": m["checkpoint"], "arch": m["arch"],
+                          "sha256": str(read_json(out / m["checkpoint"])["sha256"])} for m in members_out}
     manifest = {
-        "kind": "defense", "defense": "misleader", "paper": PAPER_URL, "dataset": victim_meta["dataset"],
+        "format": 2, "kind": "defense", "defense": "misleader", "paper": PAPER_URL, "dataset": victim_meta["dataset"],
         "num_classes": int(victim_meta["num_classes"]), "input_shape": list(victim_meta["input_shape"]),
         "class_names": victim_meta.get("class_names"), "split": victim_meta.get("split", {}),
-        "combine": "mean_softmax",
-        "members": [{k: m[k] for k in ("name", "arch", "checkpoint", "lambda", "temperature", "alpha")}
-                    for m in members_out],
-        "victim": str(victim_dir), "victim_sha256": victim_meta.get("sha256"), "seed": plan["seed"],
-        "epochs": plan["epochs"], "preset": plan.get("preset"), "versions": environment(),
+        "seed": plan["seed"],
+        "victim": {"path": os.path.relpath(victim_dir.resolve(), out.resolve()), "sha256": victim_meta.get("sha256")},
+        "models": models,
+        "steps": [{"kind": "backend", "type": "ensemble", "models": list(names), "weights": None}],
+        "params": {"epochs": plan["epochs"], "preset": plan.get("preset"),
+                   "members": [{k: m[k] for k in ("name", "arch", "lambda", "temperature", "alpha")}
+                               for m in members_out]},
+        "base": None, "versions": environment(),
     }
     write_json(out / "history.json", {n: read_json(out / "members" / n / "history.json") for n in names})
     write_json(out / "manifest.json", manifest)
