@@ -59,6 +59,8 @@ def test_other_client_is_rejected() -> None:
     token = _issue(client="alice")
     with pytest.raises(pz.ClientMismatch):
         _verify(token, pz.solve(token), pz.MemorySpentStore(), client="mallory")
+    with pytest.raises(pz.ClientMismatch):  # non-ASCII ids compare too (no TypeError)
+        _verify(token, pz.solve(token), pz.MemorySpentStore(), client="mallöry")
 
 
 def test_bad_signature_and_tampered_payload_are_rejected() -> None:

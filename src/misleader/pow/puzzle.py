@@ -200,9 +200,9 @@ def verify(token: str, *, solution: int, secret: bytes, client: str, batch_sha25
     now = time.time() if now is None else float(now)
     if now > payload["exp"]:
         raise ChallengeExpired("challenge expired: request a new one and solve it before it expires")
-    if not hmac.compare_digest(payload["client"], str(client)):
+    if not hmac.compare_digest(str(payload["client"]).encode(), str(client).encode()):
         raise ClientMismatch("challenge was issued to another client: request your own")
-    if not hmac.compare_digest(payload["batch"], str(batch_sha256)):
+    if not hmac.compare_digest(str(payload["batch"]).encode(), str(batch_sha256).encode()):
         raise BatchMismatch("challenge was issued for another query batch: send the batch it was issued for")
     if isinstance(solution, bool) or not isinstance(solution, int) or solution < 0:
         raise InsufficientWork(f"solution must be a non-negative integer nonce, got {solution!r}")
