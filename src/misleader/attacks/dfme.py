@@ -22,10 +22,24 @@ iteration) is not used. Learning rates of both models drop by ``gamma`` at the `
 fractions of the iterations.
 
 Logit recovery from a probability API (``logit_recovery``): ``"log"`` (default, DESIGN.md rule 4)
-takes ``log(max(p, tiny)) - rowmean``, which equals the victim's logits up to a per-row constant
-wherever ``p > 0``. ``"authors_log_softmax"`` is the MISLEADER authors' variant (log_softmax applied
-to the probabilities, i.e. ``p - mean(p)``), kept only to compare with their numbers: it squashes
-both the clone's target and the zeroth-order signal (``shared/research/misleader-code.md`` section 6).
+takes ``log(max(p, floor_row)) - rowmean``, which equals the victim's logits up to a per-row constant
+wherever ``p > 0``. The floor matters against defenses that return exact zeros (rounding, top-k,
+label-like outputs): with a fixed floor at the smallest float32 number (the previous choice) every
+zero became a ``log(1.2e-38) = -87`` logit, an outlier that dominates both the clone's L1 target and
+the row mean that centres it. Here each row's floor is
+``min(smallest positive entry of the row, FLOOR_RATIO * top-1 of the row)``, ``FLOOR_RATIO = 1e-6``:
+
+* it never raises a positive entry (the floor is at most the smallest one), so an undefended oracle,
+  whose float32 softmax underflows to zero only beyond ~100-nat gaps, keeps every positive entry exact;
+* a zero becomes a stand-in at most ``ln(1e6) = 13.8`` nats below the row's top-1, i.e. "below the
+  API's resolution", a finite bound of the order of a confident victim's logit gaps instead of 87;
+* a one-hot row (top-1 rounding) keeps its argmax: the smallest positive entry alone would lift
+  the zeros to the top-1 and flatten the row, which is why the ``min`` with the ratio is taken
+  rather than a ``max``.
+
+``"authors_log_softmax"`` is the MISLEADER authors' variant (log_softmax applied to the
+probabilities, i.e. ``p - mean(p)``), kept only to compare with their numbers: it squashes both the
+clone's target and the zeroth-order signal (``shared/research/misleader-code.md`` section 6).
 
 Image space: the generator's tanh image ``x`` in [-1, 1] becomes the query
 ``clamp(image_center + image_scale * x, 0, 1)``; the defaults (0.5, 0.5) give ``(x + 1) / 2``, the
@@ -91,33 +105,43 @@ log = logging.getLogger(__name__)
 
 LogitRecovery = Literal["log", "authors_log_softmax"]
 LOGIT_RECOVERIES: tuple[str, ...] = ("log", "authors_log_softmax")
+#: an exact zero in a returned row stands for a probability at most this fraction of the row's top-1
+#: (i.e. at most ``ln(1e6) = 13.8`` nats below it); see "Logit recovery" in the module docstring
+FLOOR_RATIO = 1e-6
 
 
 # --------------------------------------------------------------------------- pure pieces
 
 
 def recover_logits(probs: torch.Tensor, *, method: LogitRecovery = "log",
-                   floor: float | None = None) -> torch.Tensor:
+                   floor_ratio: float = FLOOR_RATIO) -> torch.Tensor:
     """Victim logits (up to a per-row constant) from returned probabilities, rows centred to mean 0.
 
     Args:
         probs: (N, K) probabilities (rows on the simplex; zeros allowed).
-        method: ``"log"``: ``log(max(p, floor)) - rowmean``, equal to the logits minus their row mean
-            wherever ``p >= floor``; ``"authors_log_softmax"``: the MISLEADER authors'
-            ``log_softmax(p) - rowmean`` (= ``p - mean(p)``), for comparison only.
-        floor: smallest probability kept by ``"log"`` (default: the dtype's smallest normal
-            number, so every representable positive ``p`` is used exactly and zeros stay finite).
+        method: ``"log"``: ``log(max(p, floor_row)) - rowmean`` with
+            ``floor_row = min(smallest positive entry of the row, floor_ratio * top-1 of the row)``
+            (see "Logit recovery" in the module docstring): exact (logits minus their row mean, up to
+            the constant that the zeros' stand-in shifts) wherever ``p > 0``, and an exact zero (from
+            rounding or top-k) becomes a stand-in at most ``log(1 / floor_ratio)`` nats below the
+            top-1, never a ``log(tiny) = -87`` outlier; ``"authors_log_softmax"``: the MISLEADER
+            authors' ``log_softmax(p) - rowmean`` (= ``p - mean(p)``), for comparison only.
+        floor_ratio: the zeros' stand-in relative to the row's top-1 probability (> 0, < 1).
 
     Returns:
         (N, K) float tensor, finite, each row summing to 0.
 
     Raises:
-        ValueError: unknown ``method``.
+        ValueError: unknown ``method`` or ``floor_ratio`` outside (0, 1).
     """
     p = probs.float()
     if method == "log":
-        tiny = torch.finfo(p.dtype).tiny if floor is None else float(floor)
-        t = p.clamp_min(tiny).log()
+        if not 0.0 < floor_ratio < 1.0:
+            raise ValueError(f"floor_ratio must be in (0, 1), got {floor_ratio}")
+        tiny = torch.finfo(p.dtype).tiny
+        smallest = p.masked_fill(p <= 0, math.inf).amin(dim=1, keepdim=True)  # inf for an all-zero row
+        floor = torch.minimum(smallest, floor_ratio * p.amax(dim=1, keepdim=True)).clamp_min(tiny)
+        t = torch.maximum(p, floor).log()
     elif method == "authors_log_softmax":
         t = F.log_softmax(p, dim=1)
     else:
