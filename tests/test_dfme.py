@@ -285,7 +285,7 @@ def test_evaluate_callback_is_log_only_and_called_on_schedule():
                      generator=torch.Generator().manual_seed(0), evaluate=evaluate, eval_every=200)
     qs = [q for _, q, _ in calls]
     assert qs == sorted(qs) and qs[-1] == res.queries_used == 35 * 28
-    assert len(qs) >= 4 and all(f == ["iteration", "loss_clone", "loss_generator"] for *_, f in calls)
+    assert len(qs) >= 4 and all(f == ["heldout_agreement", "iteration", "loss_clone", "loss_generator"] for *_, f in calls)
     assert all("clone_accuracy" not in r for r in res.history)
     plain = DFME(**TINY).run(tiny_oracle(1000), budget=1000, clone=tiny_net(1),
                              generator=torch.Generator().manual_seed(0))

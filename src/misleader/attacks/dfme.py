@@ -95,11 +95,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from misleader.attacks.base import Attack, AttackResult, Evaluator, apply_preset, register_attack
+from misleader.attacks.accounting import QueryLedger, device_generator
+from misleader.attacks.base import Attack, AttackResult, Evaluator, check_range, register_attack
 from misleader.errors import MisleaderError
-from misleader.models.generators import GeneratorA, tanh_to_unit
+from misleader.models.generators import GeneratorA
 from misleader.oracle import Oracle
-from misleader.utils import autocast, derive_seed, forked_rng
+from misleader.utils import autocast, forked_rng
 
 log = logging.getLogger(__name__)
 
@@ -163,6 +164,59 @@ def unit_directions(n: int, m: int, shape: tuple[int, ...], *, generator: torch.
 
 
 @torch.no_grad()
+def probe_points(x_pre: torch.Tensor, *, m: int, epsilon: float,
+                 generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``m + 1`` probe points of each sample (first half of :func:`estimate_gradient`).
+
+    Args:
+        x_pre: (N, ...) the points where the gradient is wanted.
+        m: random directions per sample (>= 1).
+        epsilon: step size (> 0).
+        generator: source of the random directions.
+
+    Returns:
+        ``(points, u)``: (N * (m + 1), ...) float32 points ordered sample-major (for sample ``i`` the
+        ``m`` perturbed points ``x_i + epsilon u_ij``, then ``x_i``) and the (N, m, ...) directions.
+
+    Raises:
+        ValueError: ``m < 1`` or ``epsilon <= 0``.
+    """
+    if m < 1:
+        raise ValueError(f"m must be >= 1, got {m}")
+    if not epsilon > 0:
+        raise ValueError(f"epsilon must be > 0, got {epsilon}")
+    x = x_pre.detach().float()
+    n, shape = x.shape[0], tuple(x.shape[1:])
+    u = unit_directions(n, m, shape, generator=generator, device=x.device)  # (N, m, *shape)
+    points = torch.cat([x.unsqueeze(1) + epsilon * u, x.unsqueeze(1)], dim=1)  # last = no move
+    return points.reshape(n * (m + 1), *shape), u
+
+
+@torch.no_grad()
+def combine_probes(losses: torch.Tensor, u: torch.Tensor, *, epsilon: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward-difference gradient from the probe losses (second half of :func:`estimate_gradient`).
+
+    Args:
+        losses: (N * (m + 1),) losses at :func:`probe_points`' points, in their order.
+        u: (N, m, ...) the directions :func:`probe_points` returned.
+        epsilon: the step size used.
+
+    Returns:
+        ``(grad, loss)``: (N, ...) float32 gradient estimates and the (N,) losses at the unperturbed points.
+
+    Raises:
+        ValueError: ``losses`` has the wrong shape.
+    """
+    n, m, shape = u.shape[0], u.shape[1], tuple(u.shape[2:])
+    if losses.shape != (n * (m + 1),):
+        raise ValueError(f"loss_fn must return ({n * (m + 1)},) losses, got {tuple(losses.shape)}")
+    losses = losses.float().view(n, m + 1)
+    diff = (losses[:, :m] - losses[:, m:]).view(n, m, *([1] * len(shape)))
+    grad = (math.prod(shape) / epsilon) * (diff * u).mean(dim=1)
+    return grad, losses[:, m]
+
+
+@torch.no_grad()
 def estimate_gradient(
     loss_fn: Callable[[torch.Tensor], torch.Tensor],
     x_pre: torch.Tensor,
@@ -177,7 +231,8 @@ def estimate_gradient(
     ``g_i = d / epsilon * mean_j (l_i(x_i + epsilon u_ij) - l_i(x_i)) u_ij`` with ``d`` the number of
     elements of one sample. ``E[d u u^T] = I``, so ``g_i`` tends to ``grad l_i(x_i)`` (unbiased in
     the limit ``epsilon -> 0``; its cosine with the true gradient is positive on average for any
-    ``m`` and grows with ``m``).
+    ``m`` and grows with ``m``). :func:`probe_points` then :func:`combine_probes` (the attack calls the
+    two halves separately so that the probes share one oracle call with the clone's queries).
 
     Args:
         loss_fn: maps a batch of points (P, *x_pre.shape[1:]) to per-point losses (P,). It is called
@@ -195,31 +250,41 @@ def estimate_gradient(
     Raises:
         ValueError: ``m < 1``, ``epsilon <= 0`` or ``loss_fn`` returns the wrong shape.
     """
-    if m < 1:
-        raise ValueError(f"m must be >= 1, got {m}")
-    if not epsilon > 0:
-        raise ValueError(f"epsilon must be > 0, got {epsilon}")
-    x = x_pre.detach().float()
-    n, shape = x.shape[0], tuple(x.shape[1:])
-    u = unit_directions(n, m, shape, generator=generator, device=x.device)  # (N, m, *shape)
-    u = torch.cat([u, torch.zeros_like(u[:, :1])], dim=1)  # (N, m + 1, *shape); last = no move
-    points = (x.unsqueeze(1) + epsilon * u).reshape(n * (m + 1), *shape)
-    losses = loss_fn(points)
-    if losses.shape != (n * (m + 1),):
-        raise ValueError(f"loss_fn must return ({n * (m + 1)},) losses, got {tuple(losses.shape)}")
-    losses = losses.float().view(n, m + 1)
-    diff = (losses[:, :m] - losses[:, m:]).view(n, m, *([1] * len(shape)))
-    d = math.prod(shape)
-    grad = (d / epsilon) * (diff * u[:, :m]).mean(dim=1)
-    return grad.to(x_pre.dtype), losses[:, m]
+    points, u = probe_points(x_pre, m=m, epsilon=epsilon, generator=generator)
+    grad, loss = combine_probes(loss_fn(points), u, epsilon=epsilon)
+    return grad.to(x_pre.dtype), loss
 
 
 # --------------------------------------------------------------------------- configuration
 
 
+#: Public normalisation statistics (per-channel mean, std of the training images in [0, 1]) that an
+#: attacker knows for a target that declares its dataset (the values every tutorial uses). ``digits``
+#: (scikit-learn's 8x8 digits, upscaled to 32x32 by :mod:`misleader.data.datasets`) has no published
+#: values: computed once from its train split with
+#: ``python -c "from misleader.data.datasets import digits; x = digits().x_train.float() / 255; print(x.mean(), x.std())"``.
+#: MNIST and Fashion-MNIST images are padded to 32x32 here, which lowers their mean/std slightly
+#: (MNIST: 0.100/0.275 in the padded frame); the attacker uses the published 28x28 values.
+PUBLIC_STATS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
+    "mnist": ((0.1307,), (0.3081,)),
+    "fashion-mnist": ((0.2860,), (0.3530,)),
+    "digits": ((0.3056,), (0.3237,)),
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    "svhn": ((0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970)),
+}
+IMAGE_SPACES: tuple[str, ...] = ("dataset", "unit")
+
+
 @dataclass(frozen=True)
 class DFMEConfig:
-    """DFME hyper-parameters; the defaults are the paper's (``run_cifar_dfme.sh``)."""
+    """DFME hyper-parameters; the defaults are the paper's (``run_cifar_dfme.sh``).
+
+    ``image_space``: ``"dataset"`` maps the generator's tanh image to ``mean + std * x`` with the
+    target dataset's public statistics (:data:`PUBLIC_STATS`; the reference's implicit choice),
+    ``"unit"`` to ``(x + 1) / 2``. ``image_center`` / ``image_scale`` (one value or one per channel)
+    override either.
+    """
 
     batch_size: int = 256
     nz: int = 256
@@ -235,23 +300,25 @@ class DFMEConfig:
     milestones: tuple[float, ...] = (0.1, 0.3, 0.5)
     gamma: float = 0.3
     logit_recovery: str = "log"
-    image_center: float = 0.5
-    image_scale: float = 0.5
+    image_space: str = "dataset"
+    image_center: tuple[float, ...] | None = None
+    image_scale: tuple[float, ...] | None = None
     amp: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "nz", "ngf", "grad_m", "g_iter"):
-            if getattr(self, name) < 1:
-                raise MisleaderError(f"dfme option {name} must be >= 1, got {getattr(self, name)}")
-        if self.d_iter < 0:
-            raise MisleaderError(f"dfme option d_iter must be >= 0, got {self.d_iter}")
-        if not self.grad_epsilon > 0:
-            raise MisleaderError(f"dfme option grad_epsilon must be > 0, got {self.grad_epsilon}")
+        check_range("dfme", self, positive=("batch_size", "nz", "ngf", "grad_m", "g_iter", "grad_epsilon",
+                                            "lr_clone", "lr_generator", "gamma"),
+                    non_negative=("d_iter", "momentum", "weight_decay"))
         if any(not 0 <= f <= 1 for f in self.milestones):
             raise MisleaderError(
                 f"dfme milestones are fractions of the iterations in [0, 1], got {self.milestones}")
-        if not self.image_scale > 0:
+        if self.image_scale is not None and (not self.image_scale or any(not v > 0 for v in self.image_scale)):
             raise MisleaderError(f"dfme option image_scale must be > 0, got {self.image_scale}")
+        if self.image_center is not None and not self.image_center:
+            raise MisleaderError("dfme option image_center needs at least one value")
+        if self.image_space not in IMAGE_SPACES:
+            raise MisleaderError(f"dfme option image_space must be one of {', '.join(IMAGE_SPACES)}, "
+                                 f"got {self.image_space!r}")
         if self.logit_recovery not in LOGIT_RECOVERIES:
             raise MisleaderError(
                 f"dfme option logit_recovery must be one of {', '.join(LOGIT_RECOVERIES)}, "
@@ -264,30 +331,51 @@ class DFMEConfig:
         return self.batch_size * (self.g_iter * (self.grad_m + 1) + self.d_iter)
 
 
-#: Named settings. ``paper``: the reference defaults (CIFAR-10 script; 1,792 queries/iteration).
-#: ``cpu``: MNIST-sized victims at CPU budgets (100k-1M queries, i.e. a few hundred iterations):
-#: batch 128 and ngf 32 (896 queries/iteration), the generator lr of the original CIFAR-10 script
-#: (5e-4) and the milestones of the small-budget SVHN script (50% and 80%); with the paper's 1e-4
-#: and 10/30/50% the generator hardly moves in so few iterations (measured: 59.6% vs 74.2% clone
-#: accuracy at 500k queries against the MNIST LeNet5 victim).
-#: ``misleader-authors``: the MISLEADER repository's DFME (batch 2048, lr_G 1e-5, log_softmax on p).
+#: Named settings; ``preset="auto"`` (the default) picks ``small`` for 1-channel targets of at most 32x32
+#: pixels (MNIST, Fashion-MNIST, digits) and ``paper`` otherwise (:meth:`DFME.choose_preset`).
+#:
+#: * ``paper``: the reference defaults (CIFAR-10 script; 1,792 queries/iteration).
+#: * ``small`` (alias ``cpu``): MNIST-sized targets at 100k-2M queries (a few hundred to a few
+#:   thousand iterations): SMALL_PRESET_NOTE below says how each value was chosen.
+#: * ``misleader-authors``: the MISLEADER repository's DFME (batch 2048, lr_G 1e-5, log_softmax on p).
 PRESETS: dict[str, DFMEConfig] = {
     "paper": DFMEConfig(),
-    "cpu": DFMEConfig(batch_size=128, ngf=32, lr_generator=5e-4, milestones=(0.5, 0.8)),
+    "small": DFMEConfig(batch_size=128, ngf=32, lr_generator=5e-4, milestones=(0.5, 0.8)),
     "misleader-authors": DFMEConfig(batch_size=2048, lr_generator=1e-5, logit_recovery="authors_log_softmax"),
 }
-
-
-def _device_generator(generator: torch.Generator, device: torch.device) -> torch.Generator:
-    """A generator on ``device`` seeded from ``generator`` (or ``generator`` itself if it lives there)."""
-    if generator.device.type == device.type:
-        return generator
-    return torch.Generator(device=device).manual_seed(derive_seed(generator))
+PRESETS["cpu"] = PRESETS["small"]
 
 
 def _milestone_factor(step: int, total: int, milestones: tuple[float, ...], gamma: float) -> float:
     marks = [int(f * total) for f in milestones]
     return gamma ** sum(step >= mk for mk in marks)
+
+
+def image_affine(cfg: DFMEConfig, *, dataset: str | None, channels: int) -> tuple[list[float], list[float], str]:
+    """``(center, scale, how)`` of the map ``clamp(center + scale * x, 0, 1)`` from tanh images to queries.
+
+    Per channel (length ``channels``). ``how`` says where the values came from (for the run record).
+    """
+    how = "unit"
+    center, scale = (0.5,), (0.5,)
+    if cfg.image_space == "dataset":
+        stats = PUBLIC_STATS.get(dataset or "")
+        if stats is not None and len(stats[0]) in (1, channels):
+            center, scale, how = stats[0], stats[1], f"public statistics of {dataset}"
+        else:  # a target that declares no (known) dataset: warn unless nothing was declared at all
+            log.log(logging.INFO if dataset is None else logging.WARNING,
+                    "dfme: no public normalisation statistics for dataset %r (%d channels); generating in "
+                    "(x + 1) / 2 (pass image_center / image_scale to set them)", dataset, channels)
+    if cfg.image_center is not None:
+        center, how = cfg.image_center, "image_center/image_scale options"
+    if cfg.image_scale is not None:
+        scale, how = cfg.image_scale, "image_center/image_scale options"
+    out = []
+    for name, vals in (("image_center", center), ("image_scale", scale)):
+        if len(vals) not in (1, channels):
+            raise MisleaderError(f"dfme option {name} needs 1 or {channels} values, got {len(vals)}")
+        out.append([float(v) for v in vals] * (channels if len(vals) == 1 else 1))
+    return out[0], out[1], how
 
 
 # --------------------------------------------------------------------------- the attack
@@ -298,9 +386,10 @@ class DFME(Attack):
     """Data-free model extraction against a probability oracle.
 
     Args:
-        preset: a key of :data:`PRESETS` (``paper``, ``cpu``, ``misleader-authors``).
+        preset: ``"auto"`` (default: the preset for the target's scale, see :meth:`choose_preset`) or a
+            key of :data:`PRESETS` (``paper``, ``small``/``cpu``, ``misleader-authors``).
         **overrides: any :class:`DFMEConfig` field, replacing the preset's value (e.g.
-            ``logit_recovery="authors_log_softmax"``, ``batch_size=64``).
+            ``logit_recovery="authors_log_softmax"``, ``batch_size=64``); type-checked.
 
     Raises:
         MisleaderError: unknown preset or option, or an invalid value.
@@ -312,10 +401,19 @@ class DFME(Attack):
     """
 
     requires = frozenset({"probs"})
+    presets = PRESETS
+    option_casts = {"milestones": float}
 
-    def __init__(self, *, preset: str = "paper", **overrides: Any) -> None:
-        self._cfg = apply_preset(self, presets=PRESETS, preset=preset, overrides=overrides,
-                                 casts={"milestones": float})
+    def __init__(self, *, preset: str = "auto", **overrides: Any) -> None:
+        self._configure(preset, overrides)
+
+    @classmethod
+    def choose_preset(cls, target_meta: dict[str, Any]) -> str:
+        """``small`` for a 1-channel target of at most 32x32 pixels, else ``paper`` (also when unknown)."""
+        shape = target_meta.get("input_shape")
+        if shape is not None and len(shape) == 3 and int(shape[0]) == 1 and max(int(s) for s in shape[1:]) <= 32:
+            return "small"
+        return "paper"
 
     @classmethod
     def tiny_options(cls) -> dict[str, Any]:
@@ -355,7 +453,9 @@ class DFME(Attack):
 
         Returns:
             :class:`AttackResult`; ``extra`` holds ``iterations``, ``cost_per_iteration``,
-            ``unused_queries`` and the last losses.
+            ``unused_queries``, the last losses, the image map and ``heldout_agreement`` (the clone's
+            top-1 agreement with the victim on the last tenth of its clone batches, each measured
+            before the clone trained on it: the attacker's own held-out score, never the test set).
 
         Raises:
             ValueError: the oracle is not a probability oracle or the budget is invalid.
@@ -377,9 +477,11 @@ class DFME(Attack):
         if h != w or h % 4 != 0:
             raise MisleaderError(f"dfme's GeneratorA makes square images with a side divisible by 4; "
                                  f"the oracle takes {c}x{h}x{w}")
+        center, scale, image_how = image_affine(cfg, dataset=getattr(self, "_target", {}).get("dataset"),
+                                                channels=c)
         t0 = time.perf_counter()
-        start_used = oracle.queries_used
-        gen_dev = _device_generator(generator, dev)
+        ledger = QueryLedger(oracle, attack="dfme", device=dev)
+        gen_dev = device_generator(generator, dev)
         with forked_rng(generator, dev):
             netg = GeneratorA(nz=cfg.nz, ngf=cfg.ngf, img_size=h, nc=c)
         # channels_last: oneDNN (CPU) and tensor-core convolutions avoid a layout copy per layer (2x on CPU)
@@ -392,83 +494,111 @@ class DFME(Attack):
         sched_c = torch.optim.lr_scheduler.LambdaLR(opt_c, lam)
         sched_g = torch.optim.lr_scheduler.LambdaLR(opt_g, lam)
         k = oracle.num_classes
-        spent = 0
-
-        def query_logits(x_unit: torch.Tensor) -> torch.Tensor:
-            nonlocal spent
-            probs = oracle.query(x_unit)
-            spent += int(x_unit.shape[0])
-            return recover_logits(probs.to(dev), method=cfg.logit_recovery)  # type: ignore[arg-type]
+        center_t = torch.tensor(center, device=dev).view(1, c, 1, 1)
+        scale_t = torch.tensor(scale, device=dev).view(1, c, 1, 1)
 
         def to_image(x_tanh: torch.Tensor) -> torch.Tensor:
-            """[-1, 1] -> [0, 1]: ``clamp(center + scale * x)`` (``(x + 1) / 2`` by default)."""
-            if cfg.image_center == 0.5 and cfg.image_scale == 0.5:
-                return tanh_to_unit(x_tanh).clamp_(0.0, 1.0)
-            return (cfg.image_center + cfg.image_scale * x_tanh).clamp_(0.0, 1.0)
+            """[-1, 1] -> [0, 1]: ``clamp(center + scale * x)`` per channel (see :func:`image_affine`)."""
+            return torch.addcmul(center_t, scale_t, x_tanh).clamp_(0.0, 1.0)
 
-        def probe_loss(points_pre: torch.Tensor) -> torch.Tensor:
-            """-mean_k |clone - t| per point; clone in eval mode, float32 (see module doc)."""
-            x_unit = to_image(torch.tanh(points_pre))
-            target = query_logits(x_unit)
-            out = clone(x_unit).float()
-            return -(out - target).abs().mean(dim=1)
+        def sample_z(n: int) -> torch.Tensor:
+            return torch.randn(n, cfg.nz, generator=gen_dev, device=gen_dev.device).to(dev)
 
-        def sample_z() -> torch.Tensor:
-            return torch.randn(cfg.batch_size, cfg.nz, generator=gen_dev, device=gen_dev.device).to(dev)
+        def new_probes() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            """A generator batch (pre-tanh, with its graph), its probe points as queries and directions."""
+            with autocast(dev, cfg.amp):
+                x_pre = netg(sample_z(cfg.batch_size), pre_x=True)
+            x_pre = x_pre.float()
+            points, u = probe_points(x_pre, m=cfg.grad_m, epsilon=cfg.grad_epsilon, generator=gen_dev)
+            return x_pre, u, to_image(torch.tanh(points))
+
+        def recover(probs: torch.Tensor) -> torch.Tensor:
+            return recover_logits(probs, method=cfg.logit_recovery)  # type: ignore[arg-type]
 
         if eval_every is None:
             eval_every = max(cost, budget // 10)
         history: list[dict[str, Any]] = []
         next_eval = eval_every
-        loss_c = loss_g = float("nan")
+        loss_c = loss_g = torch.full((), float("nan"), device=dev)
+        window_start = iterations - max(1, iterations // 10)  # the held-out score's last tenth
+        hits = torch.zeros((), dtype=torch.long, device=dev)  # since the last report (no host sync)
+        seen = 0
+        final_hits = torch.zeros((), dtype=torch.long, device=dev)
+        final_seen = 0
+        n_clone = cfg.d_iter * cfg.batch_size
+        # the first iteration's probes are answered alone; afterwards each iteration's clone batches and the
+        # next iteration's probes (both made by the same generator weights) share one oracle call
+        probe = new_probes()
+        probe_target = recover(ledger.query(probe[2]))
         for it in range(iterations):
             # (1) generator: zeroth-order estimate of d(-L1)/dx on the pre-tanh image
             netg.train()
             clone.eval()
-            for _ in range(cfg.g_iter):
+            for j in range(cfg.g_iter):
+                if j > 0:  # a further generator step needs probes of the updated generator (not fused)
+                    probe = new_probes()
+                    probe_target = recover(ledger.query(probe[2]))
+                x_pre, u, x_probe = probe
+                with torch.no_grad():
+                    losses = -(clone(x_probe).float() - probe_target).abs().mean(dim=1)
+                grad, loss_at_x = combine_probes(losses, u, epsilon=cfg.grad_epsilon)
                 opt_g.zero_grad(set_to_none=True)
-                with autocast(dev, cfg.amp):
-                    x_pre = netg(sample_z(), pre_x=True)
-                x_pre = x_pre.float()
-                grad, loss_at_x = estimate_gradient(probe_loss, x_pre, m=cfg.grad_m, epsilon=cfg.grad_epsilon,
-                                                    generator=gen_dev)
                 # the reference's scale: mean over the batch and a redundant 1 / num_classes
                 x_pre.backward(grad / (k * cfg.batch_size))
                 opt_g.step()
-                loss_g = float(loss_at_x.mean())
-            # (2) clone: L1 to the recovered victim logits on fresh generated images
+                loss_g = loss_at_x.mean().detach()
+            # (2) one oracle call: the clone's fresh generated batches (+ the next iteration's probes)
+            with torch.no_grad(), autocast(dev, cfg.amp):
+                x_clone = torch.cat([to_image(netg(sample_z(cfg.batch_size)).float()) for _ in range(cfg.d_iter)]
+                                    or [torch.empty(0, c, h, w, device=dev)])
+            last = it == iterations - 1
+            if not last:
+                probe = new_probes()
+            x_ask = x_clone if last else torch.cat([x_clone, probe[2]])
+            targets = recover(ledger.query(x_ask)) if len(x_ask) else torch.empty(0, k, device=dev)
+            probe_target = targets[n_clone:]
+            if last:  # the attacker's own last paid batches, kept for preset selection (bench/select_dfme_preset.py)
+                self._last_queries = (x_clone.detach(), targets[:n_clone].argmax(1))
+            # (3) d_iter clone steps: L1 to the recovered victim logits
             clone.train()
-            for _ in range(cfg.d_iter):
-                with torch.no_grad(), autocast(dev, cfg.amp):
-                    x_unit = to_image(netg(sample_z()).float())
-                target = query_logits(x_unit)
+            for xb, tb in zip(x_clone.split(cfg.batch_size), targets[:n_clone].split(cfg.batch_size)):
                 with autocast(dev, cfg.amp):
-                    out = clone(x_unit)
-                loss = F.l1_loss(out.float(), target)
+                    out = clone(xb)
+                out = out.float()
+                agree = (out.detach().argmax(1) == tb.argmax(1)).sum()  # held out: not trained on yet
+                hits += agree
+                seen += len(xb)
+                if it >= window_start:
+                    final_hits += agree
+                    final_seen += len(xb)
+                loss = F.l1_loss(out, tb)
                 opt_c.zero_grad(set_to_none=True)
                 loss.backward()
                 opt_c.step()
-                loss_c = float(loss.detach())
+                loss_c = loss.detach()
             if cfg.d_iter > 0:
                 sched_c.step()
             sched_g.step()
-            if evaluate is not None and (spent >= next_eval or it == iterations - 1):
-                row = {"iteration": it + 1, "loss_clone": loss_c, "loss_generator": loss_g}
-                evaluate(clone, queries=spent, **row)
-                log.debug("dfme %d/%d queries: %s", spent, budget, row)
-                while next_eval <= spent:
+            if evaluate is not None and (ledger.spent >= next_eval or last):
+                row = {"iteration": it + 1, "loss_clone": float(loss_c), "loss_generator": float(loss_g),
+                       "heldout_agreement": float(hits) / max(seen, 1)}
+                hits.zero_()
+                seen = 0
+                evaluate(clone, queries=ledger.spent, **row)
+                log.debug("dfme %d/%d queries: %s", ledger.spent, budget, row)
+                while next_eval <= ledger.spent:
                     next_eval += eval_every
                 clone.train()
         clone.eval()
-        used = oracle.queries_used - start_used
-        if used != spent or spent != iterations * cost:
-            raise RuntimeError(f"dfme accounting mismatch: oracle counted {used}, attack {spent}, "
-                               f"expected {iterations * cost}")
+        ledger.check(expected=iterations * cost)
+        spent = ledger.spent
         seconds = time.perf_counter() - t0
         log.info("dfme: %d iterations, %d queries (%d unused) in %.1fs", iterations, spent, budget - spent,
                  seconds)
         return AttackResult(
             clone=clone, queries_used=spent, history=history, seconds=seconds,
             extra={"iterations": iterations, "cost_per_iteration": cost, "unused_queries": budget - spent,
-                   "loss_clone": loss_c, "loss_generator": loss_g, "preset": self.preset},
+                   "loss_clone": float(loss_c), "loss_generator": float(loss_g), "preset": self.preset,
+                   "image_center": center, "image_scale": scale, "image_source": image_how,
+                   "heldout_agreement": float(final_hits) / final_seen if final_seen else None},
         )
