@@ -21,9 +21,9 @@ import torch
 
 #: candidates: overrides of the ``small`` preset
 CANDIDATES: dict[str, dict] = {
-    "ngf32-lr5e-4": {"ngf": 32},
-    "ngf16-lr5e-4": {"ngf": 16},
     "ngf8-lr5e-4": {"ngf": 8},
+    "ngf16-lr5e-4": {"ngf": 16},
+    "ngf32-lr5e-4": {"ngf": 32},
     "ngf8-lr1e-4": {"ngf": 8, "lr_generator": 1e-4},
     "ngf8-lr5e-4-paper-milestones": {"ngf": 8, "milestones": [0.1, 0.3, 0.5]},
 }

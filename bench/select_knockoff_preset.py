@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     meta = describe_target(args.target)
     public = {k: meta[k] for k in ("dataset", "input_shape", "num_classes")}
     c, k = int(meta["input_shape"][0]), int(meta["num_classes"])
-    pool_x, pool_y = load_pool(args.pool, target_meta=public, data_dir=args.data_dir)
+    pool_x, pool_y = load_pool(args.pool, target_meta=meta, data_dir=args.data_dir)  # as the harness
     rows = []
     for name in (args.only.split(",") if args.only else list(CANDIDATES)):
         attack = KnockoffNets(preset="sgd20", val_fraction=0.1, **CANDIDATES[name])

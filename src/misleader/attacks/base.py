@@ -198,7 +198,8 @@ def _describe(hint: Any) -> str:
         inner = [_describe(a) for a in args if a is not type(None)]
         return " or ".join(inner) + (" or null" if type(None) in args else "")
     if origin is tuple:
-        return f"a list of {_describe(args[0])}s"
+        return "a list of " + {bool: "true/false values", int: "integers", float: "numbers", str: "strings"}.get(
+            args[0], str(args[0]))
     return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(hint, str(hint))
 
 

@@ -340,7 +340,7 @@ class DFMEConfig:
 #: * ``misleader-authors``: the MISLEADER repository's DFME (batch 2048, lr_G 1e-5, log_softmax on p).
 PRESETS: dict[str, DFMEConfig] = {
     "paper": DFMEConfig(),
-    "small": DFMEConfig(batch_size=128, ngf=32, lr_generator=5e-4, milestones=(0.5, 0.8)),
+    "small": DFMEConfig(batch_size=128, ngf=8, lr_generator=5e-4, milestones=(0.5, 0.8)),
     "misleader-authors": DFMEConfig(batch_size=2048, lr_generator=1e-5, logit_recovery="authors_log_softmax"),
 }
 PRESETS["cpu"] = PRESETS["small"]
