@@ -41,34 +41,43 @@ the row mean that centres it. Here each row's floor is
 probabilities, i.e. ``p - mean(p)``), kept only to compare with their numbers: it squashes both the
 clone's target and the zeroth-order signal (``shared/research/misleader-code.md`` section 6).
 
-Image space: the generator's tanh image ``x`` in [-1, 1] becomes the query
-``clamp(image_center + image_scale * x, 0, 1)``; the defaults (0.5, 0.5) give ``(x + 1) / 2``, the
-whole [0, 1] range. The reference instead fed ``x`` to a victim that normalises its input, i.e. it
-generated in the victim's *normalised* space; setting ``image_center``/``image_scale`` to the
-victim's normalisation mean/std reproduces exactly that (knowledge the reference assumed and a
-black-box attacker may or may not have, e.g. public dataset statistics). This matters: the final
-``BatchNorm(affine=False)`` of GeneratorA centres the pre-tanh image, so with ``(x + 1) / 2`` every
-generated batch averages mid-grey, far from MNIST's black background. Measured with the ``cpu``
-preset at 500k queries against the MNIST LeNet5 victim (99.1%): 74.2% clone accuracy with
-``(x + 1) / 2``, 96.3% with ``image_center=0.1, image_scale=0.275`` (the victim's normalisation).
+Image space (``image_space``): the generator's tanh image ``x`` in [-1, 1] becomes the query
+``clamp(center + scale * x, 0, 1)`` per channel. The default, ``"dataset"``, takes ``center, scale``
+= the public normalisation mean and std of the dataset the target declares (:data:`PUBLIC_STATS`;
+e.g. MNIST 0.1307/0.3081), which is what the reference implicitly did: it fed ``x`` to a victim that
+normalises its input, i.e. it generated in the victim's normalised space. The statistics are attacker
+knowledge (published for every standard dataset; the attacker learns only the dataset's *name*, through
+:meth:`DFME.adapt_to_target`). ``"unit"`` gives ``(x + 1) / 2``, the whole [0, 1] range, and
+``image_center``/``image_scale`` set the map by hand. This matters: the final ``BatchNorm(affine=False)``
+of GeneratorA centres the pre-tanh image, so with ``(x + 1) / 2`` every generated batch averages
+mid-grey, far from MNIST's black background (issue 10 measured 74.2% vs 96.3% clone accuracy at 500k
+queries; the default follows the reference and DESIGN.md rule 6, not that measurement).
 
-Presets (:data:`PRESETS`): ``paper`` (the reference defaults), ``cpu`` (batch 128, ngf 32, generator
-lr 5e-4, milestones 50%/80%: the CPU-scale MNIST setting) and ``misleader-authors`` (the MISLEADER
-repository's DFME: batch 2048, generator lr 1e-5, log_softmax on probabilities).
+Presets (:data:`PRESETS`; ``preset="auto"``, the default, picks by the target's input shape):
+``paper`` (the reference defaults), ``small`` = ``cpu`` (MNIST-sized targets; its values and how they
+were chosen are next to :data:`PRESETS`) and ``misleader-authors`` (the MISLEADER repository's DFME:
+batch 2048, generator lr 1e-5, log_softmax on probabilities).
+
+Throughput: one oracle call per iteration. The clone's ``d_iter`` fresh batches of an iteration and the
+*next* iteration's probe points are made by the same generator weights (the generator changes only in
+its own step), so they are generated, then answered together; the clone is evaluated at the probes
+only when the next iteration starts, after its own steps, as in the reference. Losses stay on the
+device (no host synchronisation per step); the attacker's held-out agreement is counted there too.
 
 Deviations from the reference code:
-    * The generator's tanh image is mapped to [0, 1] by ``(x + 1) / 2`` before querying (default):
-      our oracles and models take [0, 1] images and normalise inside. The reference fed the [-1, 1]
-      image straight to a model that expects normalised input; ``image_center``/``image_scale``
-      reproduce that when set to the victim's normalisation (see "Image space" above).
+    * Our oracles and models take [0, 1] images and normalise inside, so the generator's tanh image
+      is mapped to [0, 1] with the dataset's public statistics (see "Image space" above); the
+      reference fed the [-1, 1] image straight to a model that normalises with those statistics.
     * Image size and channels come from the oracle's ``input_shape`` (the reference hard-codes
       3x32x32).
     * Learning-rate milestones are fractions of the *iterations* and take effect exactly there;
       the reference schedules per epoch of 50 iterations and steps its scheduler before each epoch
       (old PyTorch order), so each drop came one epoch early.
-    * All ``N * (m + 1)`` probe points are answered by one batched oracle call. The reference
-      evaluates them in ``N * m // 4992 + 1`` chunks of 4,992 (counting only ``N * m`` points), so
-      some probes are never evaluated (and the reshape fails) once ``N * (m + 1)`` exceeds them.
+    * All ``N * (m + 1)`` probe points are answered by one batched oracle call, shared with the
+      previous iteration's clone batches (see "Throughput"). The reference evaluates them in
+      ``N * m // 4992 + 1`` chunks of 4,992 (counting only ``N * m`` points), so some probes are
+      never evaluated (and the reshape fails) once ``N * (m + 1)`` exceeds them.
+    * Zeros in the returned probabilities get a per-row floor before the log (see "Logit recovery").
     * Random directions, latent codes and weight initialisation come from the ``torch.Generator``
       given to :meth:`DFME.run` (the reference uses unseeded ``np.random`` and a random seed).
     * No white-box diagnostics: the reference's ``--rec_grad_norm`` (on by default) back-propagates
