@@ -165,7 +165,7 @@ def run_attack(
     with forked_rng(gen, torch.device("cpu")):
         clone = create_model(clone_arch, in_channels=shape[0], num_classes=k, mean=[0.5] * shape[0],
                              std=[0.5] * shape[0])
-    attack.adapt_to_target({k: meta[k] for k in ("dataset", "input_shape", "num_classes") if k in meta})
+    attack.adapt_to_target({key: meta[key] for key in ("dataset", "input_shape", "num_classes") if key in meta})
     oracle = load_oracle(target, output=output, budget=budget, device=dev)
     bar = progress(total=budget, desc=f"{name} queries", unit="q")
     oracle.on_query = bar.update
