@@ -4,7 +4,10 @@ For each name in ``ATTACKS`` that has a config below (names it does not know yet
 the attack through the harness against ``--target`` and report ``queries_used / seconds`` where
 ``seconds`` is the attack's own wall time (querying *and* training the clone; the harness's test-set
 evaluations are excluded). Also reports the raw oracle throughput (answering pool images in batches
-of 256), the ceiling for any attack.
+of 256), the ceiling for any attack, measured before and after each attack in the same run, and each
+attack's ``ratio_to_oracle`` (its queries/s over the mean of those two rates: the machine's load changes
+both alike). Attacks run with their default preset for the target (``preset="auto"``) unless a config
+names options.
 
     python bench/bench_attacks.py --target /tmp/v_mnist --data-dir /work/shared/data --threads 2
     python bench/bench_attacks.py                      # trains a small digits victim first
@@ -30,7 +33,10 @@ CONFIGS: dict[str, dict] = {
                           "options": {"epochs": 5, "strategy": "adaptive", "reward": "all"}, "pool": "attacker"},
     "knockoff-hard": {"attack": "knockoff", "budget": 5000, "labels": "hard", "options": {"epochs": 5},
                       "pool": "attacker"},
-    "dfme": {"budget": 20_000, "labels": "soft", "options": {"preset": "cpu"}},
+    "knockoff-hard-10k": {"attack": "knockoff", "budget": 10_000, "labels": "hard", "options": {},
+                          "pool": "attacker"},
+    "dfme": {"budget": 20_000, "labels": "soft", "options": {}},
+    "dfme-ngf32": {"attack": "dfme", "budget": 20_000, "labels": "soft", "options": {"preset": "small", "ngf": 32}},
     "dfms-hl": {"budget": 30_000, "labels": "hard", "options": {"preset": "cpu"}},
 }
 
@@ -93,12 +99,16 @@ def main(argv: list[str] | None = None) -> int:
         pool = cfg.get("pool")
         if digits and pool is None and ATTACKS.get(name).needs_pool:
             pool = "attacker"
+        before = oracle_throughput(target, data_dir=args.data_dir)
         res = run_attack(name, target=target, budget=cfg["budget"], clone_arch=args.clone_arch, out=tmp / key,
                          data_dir=args.data_dir, seed=0, device="cpu", labels=cfg["labels"], pool=pool,
                          options=options)
+        oracle_rate = (before + oracle_throughput(target, data_dir=args.data_dir)) / 2
+        qps_attack = res["queries_used"] / res["seconds"]
         row = {"config": key, "attack": name, "labels": cfg["labels"], "budget": cfg["budget"],
                "queries_used": res["queries_used"], "seconds": round(res["seconds"], 2),
-               "queries_per_s": round(res["queries_used"] / res["seconds"], 1),
+               "queries_per_s": round(qps_attack, 1), "oracle_rows_per_s": round(oracle_rate, 1),
+               "ratio_to_oracle": round(qps_attack / oracle_rate, 4), "load_average": os.getloadavg()[0],
                "clone_accuracy": round(res["clone_accuracy"], 4), "options": options}
         rows.append(row)
         print(json.dumps(row), flush=True)

@@ -71,6 +71,59 @@ def test_recover_logits_without_zeros_equals_centred_logits():
     assert torch.allclose(t, logits - logits.mean(1, keepdim=True), atol=1e-5)
 
 
+class _TopKRounded(nn.Module):
+    """A defended victim: softmax, keep the top ``k``, round to ``decimals``, renormalise; returned as
+    log-probabilities (-inf for the zeros) so that the oracle's softmax gives back exactly those rows."""
+
+    def __init__(self, net: nn.Module, *, k: int, decimals: int) -> None:
+        super().__init__()
+        self.net, self.k, self.decimals = net, k, decimals
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p = torch.softmax(self.net(x).float(), dim=1)
+        keep = torch.zeros_like(p, dtype=torch.bool).scatter_(1, p.topk(self.k, dim=1).indices, True)
+        p = torch.round(torch.where(keep, p, torch.zeros_like(p)), decimals=self.decimals)
+        p = torch.where(p.sum(1, keepdim=True) > 0, p, F.one_hot(keep.float().argmax(1), p.shape[1]).float())
+        return (p / p.sum(1, keepdim=True)).log()
+
+
+def test_recover_logits_floor_bounds_the_zeros_of_topk_and_rounding():
+    gap = math.log(1e6)  # FLOOR_RATIO = 1e-6: a zero stands at most 13.8 nats below the row's top-1
+    p = torch.tensor([[0.97, 0.03, 0.0, 0.0, 0.0],   # rounded to 2 decimals
+                      [1.0, 0.0, 0.0, 0.0, 0.0],     # one-hot (top-1 rounding)
+                      [0.5, 0.3, 0.2, 0.0, 0.0],     # top-3
+                      [0.0, 0.0, 0.0, 0.0, 0.0]])    # degenerate all-zero row
+    t = recover_logits(p)
+    assert torch.isfinite(t).all()
+    # the zeros' stand-in: exactly ln(1e6) below the top-1 (never the -87 of log(float32 tiny))
+    for row in range(3):
+        zeros = p[row] == 0
+        assert torch.allclose(t[row, zeros], t[row].max() - gap, atol=1e-4)
+        pos = ~zeros  # positive entries keep their exact log-ratios
+        torch.testing.assert_close(t[row, pos] - t[row, 0], p[row, pos].log() - p[row, 0].log())
+    assert t[1].argmax() == 0 and (t[1].max() - t[1].min()) == pytest.approx(gap, abs=1e-4)
+    assert torch.equal(t[3], torch.zeros(5))
+    # a row whose own smallest positive entry is tinier than the ratio keeps it as its floor (exactness)
+    logits = torch.tensor([[40.0, 0.0, -10.0, 5.0]])
+    q = torch.softmax(logits, dim=1)
+    q[0, 3] = 0.0
+    t = recover_logits(q)
+    assert t[0, 3] == pytest.approx(float(t[0, 2]), abs=1e-4)  # the zero joins the smallest positive entry
+    torch.testing.assert_close(t[0, :3] - t[0, 1], logits[0, :3] - logits[0, 1], atol=1e-3, rtol=0)
+    with pytest.raises(ValueError, match="floor_ratio"):
+        recover_logits(p, floor_ratio=0.0)
+
+
+def test_dfme_against_a_topk_rounded_oracle_has_bounded_targets():
+    """Against an oracle that returns exact zeros the clone's L1 target stays of the order of the logits
+    (measured after one iteration: L1 6.6 here; 41.6 with the old ``log(tiny)`` floor, where every zero
+    became a -87 logit)."""
+    oracle = ModelOracle(_TopKRounded(tiny_net(0), k=2, decimals=2), num_classes=K, input_shape=SHAPE, budget=28)
+    res = DFME(**TINY).run(oracle, budget=28, clone=tiny_net(1), generator=torch.Generator().manual_seed(0))
+    assert res.queries_used == 28 and res.extra["iterations"] == 1
+    assert math.isfinite(res.extra["loss_clone"]) and res.extra["loss_clone"] < 14.0
+
+
 def test_authors_variant_is_centred_probabilities():
     p = torch.softmax(torch.randn(7, 10) * 5, dim=1)
     t = recover_logits(p, method="authors_log_softmax")
@@ -232,7 +285,7 @@ def test_evaluate_callback_is_log_only_and_called_on_schedule():
                      generator=torch.Generator().manual_seed(0), evaluate=evaluate, eval_every=200)
     qs = [q for _, q, _ in calls]
     assert qs == sorted(qs) and qs[-1] == res.queries_used == 35 * 28
-    assert len(qs) >= 4 and all(f == ["iteration", "loss_clone", "loss_generator"] for *_, f in calls)
+    assert len(qs) >= 4 and all(f == ["heldout_agreement", "iteration", "loss_clone", "loss_generator"] for *_, f in calls)
     assert all("clone_accuracy" not in r for r in res.history)
     plain = DFME(**TINY).run(tiny_oracle(1000), budget=1000, clone=tiny_net(1),
                              generator=torch.Generator().manual_seed(0))

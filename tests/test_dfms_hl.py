@@ -230,10 +230,26 @@ def test_selector_scores_class_balanced_accuracy():
     assert sel.best_score == pytest.approx(0.5)  # plain accuracy would be 0.8
 
 
-def test_selection_never_worse_than_the_pretrained_clone_on_validation():
-    res = attack(val_size=16).run(oracle(400), budget=400, clone=tiny_net(1),
-                                  generator=torch.Generator().manual_seed(0))
-    sel = res.extra["selected"]
-    assert sel["selected"] in {"pretrained", "clone"} | {f"ema{t:g}" for t in PRESETS["cpu"].ema_taus}
-    assert 0.0 <= sel["val_balanced_accuracy"] <= 1.0
-    assert res.extra["val_queries"] == 16
+def test_returned_clone_is_the_selected_candidate_not_the_final_one(monkeypatch):
+    """With scores that only the pretrained clone wins, the attack must return the pretrained weights, which
+    training then moved away from (fails if the selector kept a score but returned the final clone)."""
+    from misleader.attacks import dfms_hl
+
+    snaps: dict[str, dict[str, torch.Tensor]] = {}
+    consider, calls = dfms_hl._Selector.consider, []
+
+    def score(self, tensors):  # the first candidate scored (the pretrained clone) is the best
+        calls.append(1)
+        return 1.0 if len(calls) == 1 else 0.0
+
+    def spy_consider(self, name, iteration):
+        snaps[name] = {k: v.detach().clone() for k, v in self.clone.state_dict().items()}
+        consider(self, name, iteration)
+
+    monkeypatch.setattr(dfms_hl._Selector, "_score", score)
+    monkeypatch.setattr(dfms_hl._Selector, "consider", spy_consider)
+    res = attack(val_size=16).run(oracle(400), budget=400, clone=tiny_net(1), generator=torch.Generator().manual_seed(0))
+    assert res.extra["selected"]["selected"] == "pretrained" and res.extra["val_queries"] == 16
+    final, pre, out = snaps["clone"], snaps["pretrained"], res.clone.state_dict()
+    assert any(not torch.equal(final[k], pre[k]) for k in pre)  # stage 4 changed the weights
+    assert all(torch.equal(out[k], pre[k]) for k in pre)  # ... and the pretrained ones came back

@@ -10,7 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from misleader.attacks import ATTACKS
-from misleader.attacks.knockoff import GradientBandit, KnockoffNets, OnlineZScore, knockoff_rewards, transfer_loss
+from misleader.attacks.bandit import GradientBandit, OnlineZScore, knockoff_rewards
+from misleader.attacks.knockoff import KnockoffNets, transfer_loss
 from misleader.attacks.pools import convert_images, load_pool
 from misleader.errors import MisleaderError
 from misleader.models import create_model

@@ -16,10 +16,22 @@ a subclass overrides it) and calls ``attack.prepare(pool_x=..., pool_y=...)`` *b
 pool's *own* int64 labels (N,) or ``None`` (never the victim's answers). Inside ``run`` an attack
 reads them with :meth:`Attack.pool_data`. Pools are not hyper-parameters: they are stored in
 private attributes and stay out of :meth:`Attack.config`.
+
+**Presets and the target's public description.** Attacks with named settings keep them in a
+``presets`` dict of frozen config dataclasses; ``preset="auto"`` (the default) picks the one that suits
+the target's scale in :meth:`Attack.choose_preset`. Before ``run`` the harness calls
+:meth:`Attack.adapt_to_target` with the target's *public* description only (:data:`PUBLIC_META_KEYS`:
+dataset name, input shape, class count; never the defense's manifest), which resolves ``"auto"`` and
+lets an attack use public knowledge about the dataset (e.g. DFME's image range). Option values
+(``-o key=value``, YAML ``options``) are type-checked against the config's fields
+(:func:`check_options`): a wrong type or an unknown name is a one-line :class:`MisleaderError`.
 """
 
 from __future__ import annotations
 
+import math
+import types
+import typing
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Callable, ClassVar
@@ -35,6 +47,14 @@ from misleader.registry import Registry
 #: on the test split and records a history row (``queries``, the attack's ``fields``, test accuracy,
 #: fidelity) that only the harness sees. It returns nothing, so an attack cannot steer by it.
 Evaluator = Callable[..., None]
+
+#: what an attack may learn about its target before attacking (public knowledge of the API)
+PUBLIC_META_KEYS: tuple[str, ...] = ("dataset", "input_shape", "num_classes")
+
+
+def public_meta(meta: dict[str, Any]) -> dict[str, Any]:
+    """Only the public keys (:data:`PUBLIC_META_KEYS`) of a target's description."""
+    return {k: meta[k] for k in PUBLIC_META_KEYS if k in meta}
 
 
 @dataclass
@@ -70,6 +90,37 @@ class Attack(ABC):
     needs_pool: ClassVar[bool] = False
     #: pool spec used when the caller names none (see :func:`misleader.attacks.pools.load_pool`).
     default_pool: ClassVar[str] = "attacker"
+    #: named settings (frozen config dataclasses); empty for attacks without presets
+    presets: ClassVar[dict[str, Any]] = {}
+    #: option -> item cast for tuple options given as lists (YAML)
+    option_casts: ClassVar[dict[str, Callable[[Any], Any]]] = {}
+
+    @classmethod
+    def choose_preset(cls, target_meta: dict[str, Any]) -> str:
+        """The preset ``preset="auto"`` resolves to for a target (``target_meta``: public keys only,
+        empty when unknown). Override per attack; the default is the first preset."""
+        return next(iter(cls.presets))
+
+    def _configure(self, preset: str, overrides: dict[str, Any]) -> Any:
+        """Apply ``presets[preset]`` (``"auto"``: :meth:`choose_preset` of the target known so far) with
+        type-checked ``overrides``; remembers both so :meth:`adapt_to_target` can re-resolve ``"auto"``."""
+        self._preset_arg, self._overrides = preset, dict(overrides)
+        name = self.choose_preset(getattr(self, "_target", {})) if preset == "auto" else preset
+        return apply_preset(self, presets=self.presets, preset=name, overrides=dict(overrides),
+                            casts=self.option_casts)
+
+    def adapt_to_target(self, meta: dict[str, Any]) -> None:
+        """Learn the target's public description before :meth:`run` (the harness calls this).
+
+        Only :data:`PUBLIC_META_KEYS` are kept. With ``preset="auto"`` the preset is chosen again for
+        this target (:meth:`choose_preset`), the user's options still applied on top.
+
+        Args:
+            meta: the target's description; keys other than dataset, input_shape, num_classes are ignored.
+        """
+        self._target = public_meta(meta)
+        if getattr(self, "_preset_arg", None) == "auto":
+            self._cfg = self._configure("auto", self._overrides)
 
     @classmethod
     def choose_pool(cls, target_meta: dict[str, Any]) -> str:
@@ -141,22 +192,103 @@ class Attack(ABC):
 ATTACKS: Registry[Attack] = Registry("attack")
 
 
+def _describe(hint: Any) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (types.UnionType, typing.Union):
+        inner = [_describe(a) for a in args if a is not type(None)]
+        return " or ".join(inner) + (" or null" if type(None) in args else "")
+    if origin is tuple:
+        return "a list of " + {bool: "true/false values", int: "integers", float: "numbers", str: "strings"}.get(
+            args[0], str(args[0]))
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(hint, str(hint))
+
+
+def _coerce(value: Any, hint: Any) -> Any:
+    """``value`` as type ``hint`` (int, float, bool, str, ``X | None``, ``tuple[X, ...]``); raises TypeError."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (types.UnionType, typing.Union):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0])
+    if origin is tuple:
+        if isinstance(value, (int, float, str)) and not isinstance(value, bool):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise TypeError
+        return tuple(_coerce(v, args[0]) for v in value)
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise TypeError
+    if isinstance(value, bool):
+        raise TypeError
+    if hint is int:
+        if isinstance(value, int) or isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise TypeError
+    if hint is float:
+        if isinstance(value, (int, float)) and math.isfinite(value):
+            return float(value)
+        raise TypeError
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        raise TypeError
+    return value
+
+
+def check_options(attack: str, config_cls: type, overrides: dict[str, Any]) -> dict[str, Any]:
+    """Type-check ``overrides`` against the fields of the config dataclass ``config_cls``.
+
+    Returns the values converted to the fields' types (a YAML int for a float field becomes a float, a
+    list for a tuple field a tuple, a single number for a tuple field a 1-tuple).
+
+    Raises:
+        MisleaderError: an unknown option name, or a value of the wrong type (one line, naming the option,
+            the expected type and the value given).
+    """
+    hints = typing.get_type_hints(config_cls)
+    known = {f.name for f in fields(config_cls)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise MisleaderError(f"unknown {attack} option(s) {', '.join(unknown)}; it accepts: {', '.join(sorted(known))}")
+    out = {}
+    for key, value in overrides.items():
+        try:
+            out[key] = _coerce(value, hints[key])
+        except TypeError:
+            raise MisleaderError(f"{attack} option {key} must be {_describe(hints[key])}, got {value!r}") from None
+    return out
+
+
+def check_range(attack: str, cfg: Any, *, positive: tuple[str, ...] = (), non_negative: tuple[str, ...] = (),
+                fractions: tuple[str, ...] = ()) -> None:
+    """Range checks for a config's numeric fields (``fractions``: in [0, 1)); one-line MisleaderError."""
+    for name in positive:
+        if not getattr(cfg, name) > 0:
+            raise MisleaderError(f"{attack} option {name} must be > 0, got {getattr(cfg, name)!r}")
+    for name in non_negative:
+        if not getattr(cfg, name) >= 0:
+            raise MisleaderError(f"{attack} option {name} must be >= 0, got {getattr(cfg, name)!r}")
+    for name in fractions:
+        if not 0 <= getattr(cfg, name) < 1:
+            raise MisleaderError(f"{attack} option {name} must be in [0, 1), got {getattr(cfg, name)!r}")
+
+
 def apply_preset(attack: Attack, *, presets: dict[str, Any], preset: str, overrides: dict[str, Any],
                  casts: dict[str, Callable[[Any], Any]] | None = None) -> Any:
     """Resolve ``presets[preset]`` (a frozen config dataclass) with ``overrides`` onto ``attack``.
 
-    Unknown presets or option names raise :class:`~misleader.errors.MisleaderError`; each field named in
-    ``casts`` that is overridden (and not None) becomes a tuple of ``casts[field]`` applied to its items
-    (YAML gives lists). The config's fields become attributes of ``attack`` (so :meth:`Attack.config`
-    lists them), ``attack.preset`` the preset name and ``attack._cfg`` the config. Returns the config.
+    Unknown presets or option names, and option values of the wrong type (:func:`check_options`), raise
+    :class:`~misleader.errors.MisleaderError`; each field named in ``casts`` that is overridden (and not
+    None) becomes a tuple of ``casts[field]`` applied to its items. The config's fields become attributes
+    of ``attack`` (so :meth:`Attack.config` lists them), ``attack.preset`` the preset name and
+    ``attack._cfg`` the config. Returns the config.
     """
     if preset not in presets:
-        raise MisleaderError(f"unknown {attack.name} preset {preset!r}; choose one of: {', '.join(presets)}")
-    known = {f.name for f in fields(presets[preset])}
-    unknown = sorted(set(overrides) - known)
-    if unknown:
-        raise MisleaderError(
-            f"unknown {attack.name} option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        raise MisleaderError(f"unknown {attack.name} preset {preset!r}; choose one of: auto, {', '.join(presets)}")
+    overrides = check_options(attack.name, type(presets[preset]), overrides)
     for key, cast in (casts or {}).items():
         if overrides.get(key) is not None:
             overrides[key] = tuple(cast(v) for v in overrides[key])

@@ -81,7 +81,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from misleader.attacks.base import Attack, AttackResult, Evaluator, apply_preset, register_attack
+from misleader.attacks.accounting import QueryLedger, device_generator
+from misleader.attacks.base import Attack, AttackResult, Evaluator, check_range, register_attack
 from misleader.data.loader import to_unit
 from misleader.errors import MisleaderError
 from misleader.models.generators import DCGANDiscriminator, DCGANGenerator, tanh_to_unit
@@ -157,12 +158,11 @@ class DFMSHLConfig:
     amp: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "nz", "ngf", "ndf", "pretrain_batch"):
-            if getattr(self, name) < 1:
-                raise MisleaderError(f"dfms-hl option {name} must be >= 1, got {getattr(self, name)}")
-        for name in ("gan_epochs", "pretrain_proxy", "pretrain_fake", "pretrain_epochs", "pad", "val_size"):
-            if getattr(self, name) < 0:
-                raise MisleaderError(f"dfms-hl option {name} must be >= 0, got {getattr(self, name)}")
+        check_range("dfms-hl", self, positive=("batch_size", "nz", "ngf", "ndf", "pretrain_batch", "gan_lr",
+                                               "pretrain_lr", "clone_lr"),
+                    non_negative=("gan_epochs", "pretrain_proxy", "pretrain_fake", "pretrain_epochs", "pad",
+                                  "val_size", "momentum", "weight_decay", "diversity_weight"),
+                    fractions=("gan_beta1",))
         if self.proxy_size is not None and self.proxy_size < 1:
             raise MisleaderError(f"dfms-hl option proxy_size must be >= 1 or None, got {self.proxy_size}")
         if self.warmup_epochs < 0:
@@ -175,14 +175,19 @@ class DFMSHLConfig:
             raise MisleaderError(f"dfms-hl option temperature must be > 0, got {self.temperature}")
 
 
-#: ``paper``: the reference scripts (GPU scale). ``cpu``: an MNIST-sized victim on 2 CPU cores (measured:
-#: 100k queries against the MNIST LeNet5 victim with a Fashion-MNIST proxy, 70.3% clone accuracy, ~6 min).
+#: ``paper``: the reference scripts (GPU scale). ``small`` (alias ``cpu``): an MNIST-sized victim on 2 CPU
+#: cores: the research notes' "minimal CPU version" (``shared/research/attacks.md`` section 2: a 10k proxy,
+#: DCGAN ngf 32 pre-trained 5 epochs, 10k + 10k labelled pre-training images, pad-crop without flips),
+#: scaled down from the scripts without looking at any test accuracy; the 2k validation set is the
+#: attacker's own held-out, victim-labelled queries on which the returned clone is selected (``_Selector``).
+#: ``preset="auto"`` (the default) picks ``small`` for 1-channel targets, else ``paper``.
 PRESETS: dict[str, DFMSHLConfig] = {
     "paper": DFMSHLConfig(),
     "cpu": DFMSHLConfig(ngf=32, ndf=32, gan_epochs=5, proxy_size=10_000, pretrain_proxy=10_000,
                         pretrain_fake=10_000, pretrain_epochs=10, pretrain_lr=0.01, val_size=2_000,
                         flip=False),
 }
+PRESETS["small"] = PRESETS["cpu"]
 
 
 def _warmup_cosine(step: int, total: int, warmup_steps: int) -> float:
@@ -190,12 +195,6 @@ def _warmup_cosine(step: int, total: int, warmup_steps: int) -> float:
         return (step + 1) / warmup_steps
     span = max(total - warmup_steps, 1)
     return 0.5 * (1 + math.cos(math.pi * min(step - warmup_steps, span) / span))
-
-
-def _device_generator(generator: torch.Generator, device: torch.device) -> torch.Generator:
-    if generator.device.type == device.type:
-        return generator
-    return torch.Generator(device=device).manual_seed(derive_seed(generator))
 
 
 class _Selector:
@@ -257,8 +256,9 @@ class DFMSHL(Attack):
     """Hard-label data-free model stealing (DFMS-HL) with a proxy-trained DCGAN.
 
     Args:
-        preset: a key of :data:`PRESETS` (``paper``, ``cpu``).
-        **overrides: any :class:`DFMSHLConfig` field, replacing the preset's value.
+        preset: ``"auto"`` (default: :meth:`choose_preset` for the target) or a key of :data:`PRESETS`
+            (``paper``, ``small``/``cpu``).
+        **overrides: any :class:`DFMSHLConfig` field, replacing the preset's value; type-checked.
 
     The proxy images come from the harness's pool (:meth:`prepare`); by default another
     distribution than the victim's (:data:`DEFAULT_PROXY`).
@@ -273,10 +273,17 @@ class DFMSHL(Attack):
 
     requires = frozenset({"labels"})
     needs_pool = True
+    presets = PRESETS
+    option_casts = {"proxy_classes": int, "ema_taus": float}
 
-    def __init__(self, *, preset: str = "paper", **overrides: Any) -> None:
-        self._cfg = apply_preset(self, presets=PRESETS, preset=preset, overrides=overrides,
-                                 casts={"proxy_classes": int, "ema_taus": float})
+    def __init__(self, *, preset: str = "auto", **overrides: Any) -> None:
+        self._configure(preset, overrides)
+
+    @classmethod
+    def choose_preset(cls, target_meta: dict[str, Any]) -> str:
+        """``small`` for a 1-channel target (MNIST family), else ``paper`` (also when unknown)."""
+        shape = target_meta.get("input_shape")
+        return "small" if shape is not None and len(shape) == 3 and int(shape[0]) == 1 else "paper"
 
     @classmethod
     def tiny_options(cls) -> dict[str, Any]:
@@ -362,9 +369,9 @@ class DFMSHL(Attack):
             raise MisleaderError(f"dfms-hl's DCGAN makes 32x32 images; the oracle takes {c}x{h}x{w}")
         dev = torch.device(device)
         t0 = time.perf_counter()
-        start_used = oracle.queries_used
+        ledger = QueryLedger(oracle, attack="dfms-hl", device=dev)
         gen_cpu = torch.Generator().manual_seed(derive_seed(generator))  # augmentation, shuffles
-        gen_dev = _device_generator(generator, dev)  # latents
+        gen_dev = device_generator(generator, dev)  # latents
         proxy = self._proxy(gen_cpu).to(dev)  # uint8 (P, C, 32, 32)
         n_pre = self.pretrain_queries(len(proxy))
         iterations = (budget - n_pre) // cfg.batch_size
@@ -379,29 +386,26 @@ class DFMSHL(Attack):
             netd = DCGANDiscriminator(nc=c, ndf=cfg.ndf).to(dev, memory_format=torch.channels_last)
         clone.to(dev)
         k = oracle.num_classes
-        spent = 0
         history: list[dict[str, Any]] = []
         if eval_every is None:
             eval_every = max(cfg.batch_size, budget // 10)
         next_eval = eval_every
 
         def labels_of(x_unit: torch.Tensor) -> torch.Tensor:
-            nonlocal spent
-            y = oracle.query(x_unit)
-            spent += int(x_unit.shape[0])
+            y = ledger.query(x_unit)
             if y.dtype != torch.int64 or y.dim() != 1:
                 raise RuntimeError(
                     f"dfms-hl expects (N,) int64 labels from the oracle, got {y.dtype} {tuple(y.shape)}")
-            return y.to(dev)
+            return y
 
         def record(stage: str, **extra: Any) -> None:
             nonlocal next_eval
             if evaluate is None:
                 return
             row = {"stage": stage, **extra}
-            evaluate(clone, queries=spent, **row)
-            log.debug("dfms-hl %d/%d queries: %s", spent, budget, row)
-            while next_eval <= spent:
+            evaluate(clone, queries=ledger.spent, **row)
+            log.debug("dfms-hl %d/%d queries: %s", ledger.spent, budget, row)
+            while next_eval <= ledger.spent:
                 next_eval += eval_every
 
         def z(n: int) -> torch.Tensor:
@@ -422,7 +426,7 @@ class DFMSHL(Attack):
             opt_d.zero_grad(set_to_none=True)
             loss.backward()
             opt_d.step()
-            return float(loss.detach())
+            return loss.detach()
 
         def real_batches() -> Any:
             """Endless augmented proxy batches in [-1, 1], reshuffled every pass (drop_last)."""
@@ -501,7 +505,7 @@ class DFMSHL(Attack):
                     sched.step()
             record("pretrain")
             del x_pre, y_pre, xs
-        n_pretrain_spent = spent
+        n_pretrain_spent = ledger.spent
 
         # ---------------- stage 4: alternating clone / generator / discriminator steps
         opt_c = torch.optim.SGD(clone.parameters(), lr=cfg.clone_lr, momentum=cfg.momentum,
@@ -515,7 +519,7 @@ class DFMSHL(Attack):
         select_every = cfg.select_every or steps_per_epoch
         netg.train()
         netd.train()
-        loss_c = loss_g_adv = loss_div = float("nan")
+        loss_c = loss_g_adv = loss_div = torch.full((), float("nan"), device=dev)  # host sync only when reported
         for it in range(iterations):
             real = next(reals)
             with autocast(dev, cfg.amp):
@@ -530,7 +534,7 @@ class DFMSHL(Attack):
             loss.backward()
             opt_c.step()
             sched_c.step()
-            loss_c = float(loss.detach())
+            loss_c = loss.detach()
             if selector is not None:
                 selector.update_ema()
             # generator step: fool D + class diversity on the clone (clone in eval mode, frozen)
@@ -547,26 +551,23 @@ class DFMSHL(Attack):
             opt_g.step()
             clone.requires_grad_(True)
             netd.requires_grad_(True)
-            loss_g_adv, loss_div = float(adv.detach()), float(div.detach())
+            loss_g_adv, loss_div = adv.detach(), div.detach()
             # discriminator step
             d_step(real, fake)
             if selector is not None and ((it + 1) % select_every == 0 or it == iterations - 1):
                 selector.consider("clone", it + 1)
-            if evaluate is not None and (spent >= next_eval or it == iterations - 1):
-                record("alternate", iteration=it + 1, loss_clone=loss_c, loss_adv=loss_g_adv,
-                       loss_div=loss_div)
+            if evaluate is not None and (ledger.spent >= next_eval or it == iterations - 1):
+                record("alternate", iteration=it + 1, loss_clone=float(loss_c), loss_adv=float(loss_g_adv),
+                       loss_div=float(loss_div))
                 clone.train()
         selected: dict[str, Any] = {}
         if selector is not None:
             selected = selector.load_best()
             if evaluate is not None:
-                evaluate(clone, queries=spent, stage="selected", **selected)
+                evaluate(clone, queries=ledger.spent, stage="selected", **selected)
         clone.eval()
-        used = oracle.queries_used - start_used
-        if used != spent or spent != n_pre + iterations * cfg.batch_size:
-            raise RuntimeError(f"dfms-hl accounting mismatch: oracle counted {used}, attack {spent}, "
-                               "expected "
-                               f"{n_pre + iterations * cfg.batch_size}")
+        ledger.check(expected=n_pre + iterations * cfg.batch_size)
+        spent = ledger.spent
         seconds = time.perf_counter() - t0
         log.info("dfms-hl: %d validation/pre-training + %d x %d queries (%d unused) in %.1fs",
                  n_pretrain_spent, iterations, cfg.batch_size, budget - spent, seconds)
@@ -574,6 +575,6 @@ class DFMSHL(Attack):
             clone=clone, queries_used=spent, history=history, seconds=seconds,
             extra={"pretrain_queries": n_pretrain_spent, "iterations": iterations, "proxy_images": len(proxy),
                    "val_queries": cfg.val_size, "selected": selected, "warmup_iterations": warm,
-                   "unused_queries": budget - spent, "loss_clone": loss_c, "loss_adv": loss_g_adv,
-                   "loss_div": loss_div, "num_classes": k, "preset": self.preset},
+                   "unused_queries": budget - spent, "loss_clone": float(loss_c), "loss_adv": float(loss_g_adv),
+                   "loss_div": float(loss_div), "num_classes": k, "preset": self.preset},
         )

@@ -184,6 +184,7 @@ def run_attack(
     with forked_rng(gen, torch.device("cpu")):
         clone = create_model(clone_arch, in_channels=shape[0], num_classes=k, mean=[0.5] * shape[0],
                              std=[0.5] * shape[0])
+    attack.adapt_to_target(dict(public_meta))
     oracle, accountant = open_accounted(target, output=output, budget=budget, device=dev)
     bar = progress(total=budget, desc=f"{name} queries", unit="q")
     accountant.on_query = bar.update
