@@ -40,3 +40,34 @@ def store(db_url):
     s = Store(db_url)
     yield s
     s.close()
+
+
+@pytest.fixture(scope="session")
+def served_model(tiny_victim):
+    """The tiny victim opened once as the gateway serves it."""
+    from misleader.serving.model import ServedModel
+
+    return ServedModel(tiny_victim, output="probs", device="cpu")
+
+
+@pytest.fixture
+def make_client(tiny_victim, served_model, tmp_path):
+    """``make_client(**config) -> (TestClient, store)`` over the tiny victim and a fresh SQLite store."""
+    from fastapi.testclient import TestClient
+
+    from misleader.serving.app import GatewayConfig, create_app
+    from misleader.serving.store import Store
+
+    made = []
+
+    def make(store=None, **cfg):
+        store = store or Store(tmp_path / f"g{len(made)}.sqlite3")
+        client = TestClient(create_app(folder=str(tiny_victim), store=store, config=GatewayConfig(**cfg),
+                                       model=served_model))
+        made.append((client, store))
+        return client, store
+
+    yield make
+    for client, store in made:
+        client.close()
+        store.close()
