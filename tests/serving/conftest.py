@@ -71,3 +71,69 @@ def make_client(tiny_victim, served_model, tmp_path):
     for client, store in made:
         client.close()
         store.close()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LiveServer:
+    """``misleader serve`` in a subprocess on a loopback port (a real uvicorn)."""
+
+    def __init__(self, folder, db: str, *extra: str) -> None:
+        import subprocess
+        import sys
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.db = db
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+        self.proc = subprocess.Popen([sys.executable, "-m", "misleader", "-q", "serve", str(folder), "--port",
+                                      str(self.port), "--db", db, "--device", "cpu", *extra], env=env,
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        self.wait_ready()
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        import time
+
+        import httpx
+
+        t0 = time.time()
+        while time.time() - t0 < timeout:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited: {self.proc.stdout.read().decode()[-2000:]}")
+            try:
+                if httpx.get(self.url + "/healthz", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError("server did not start")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except Exception:  # noqa: BLE001
+            self.proc.kill()
+            self.proc.wait()
+
+
+@pytest.fixture(scope="module")
+def live(tiny_victim, tmp_path_factory):
+    """``live(*extra_args, db=None) -> LiveServer`` (stopped after the module)."""
+    tmp_path = tmp_path_factory.mktemp("live")
+    servers = []
+
+    def start(*extra: str, db: str | None = None) -> LiveServer:
+        s = LiveServer(tiny_victim, db or str(tmp_path / "live.sqlite3"), *extra)
+        servers.append(s)
+        return s
+
+    yield start
+    for s in servers:
+        s.stop()
