@@ -36,6 +36,8 @@ def add_parser(sub) -> None:  # noqa: ANN001
     p.add_argument("--detector", default=None, help="(not available yet) detector policy")
     p.add_argument("--ray", action="store_true", help="(not available yet) run under Ray Serve")
     p.add_argument("--replicas", type=positive_int, default=1, help="Ray Serve replicas (with --ray)")
+    p.add_argument("--reservation-timeout", type=float, default=None, metavar="SECONDS",
+                   help="release a reservation whose request has not finished after this long (default 120)")
     p.add_argument("--log-level", default="warning", help="uvicorn log level (default warning)")
     p.set_defaults(func=run)
 
@@ -81,6 +83,8 @@ def build(args: argparse.Namespace):  # noqa: ANN201 - (FastAPI app, Store, db u
     store = Store(db)
     cfg = GatewayConfig(output=args.output, device=args.device, max_rows=args.max_rows, pow=pow_policy)
     secret = pow_secret(args.pow_secret_file)
+    if args.reservation_timeout is not None:
+        cfg.reservation_timeout = args.reservation_timeout
     if secret is not None:
         cfg.pow_secret = secret
     return create_app(folder=args.folder, store=store, config=cfg), store, db

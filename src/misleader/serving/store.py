@@ -105,6 +105,7 @@ class Store:
             self.path = Path(path)
             self.path.parent.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
+        self._last_expiry = 0.0
         self._conns: list[Any] = []
         self._lock = threading.Lock()
         self._init_schema()
@@ -255,7 +256,9 @@ class Store:
             BudgetExceeded: fewer than ``rows`` remain (nothing reserved); ``.remaining`` says how many do.
         """
         now = time.time()
-        self.expire_reservations(now=now)
+        if now - self._last_expiry > 1.0:  # at most once a second per store object
+            self._last_expiry = now
+            self.expire_reservations(now=now)
         rid = secrets.token_hex(12)
         with self._tx() as cur:
             self._exec(cur, "UPDATE api_keys SET reserved = reserved + ? WHERE id = ? AND revoked = 0 AND "
