@@ -294,7 +294,9 @@ def create_app(*, folder: str, store: Store, config: GatewayConfig | None = None
     async def metrics() -> PlainTextResponse:
         return PlainTextResponse(gw.metrics.render(), media_type="text/plain; version=0.0.4")
 
-    @app.get("/", response_class=HTMLResponse, responses={401: _ERR, 403: _ERR},
+    json_err = {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}}
+
+    @app.get("/", response_class=HTMLResponse, responses={401: json_err, 403: json_err},
              summary="Status page (admin key)")
     async def status(creds: HTTPAuthorizationCredentials | None = Security(bearer)) -> Response:
         from misleader.serving.status_page import render_status
