@@ -78,17 +78,26 @@ class BadBatch(ValueError):
 def parse_json_batch(body: bytes) -> np.ndarray:
     """``{"inputs": nested lists}`` -> float32 array (shape not yet checked)."""
     try:
-        doc = json.loads(body)
+        doc = json.loads(body, parse_constant=_no_constant)
     except (ValueError, UnicodeDecodeError):
         raise BadBatch("body is not JSON: send {\"inputs\": [...]} or an .npy body with Content-Type "
                        f"{NPY}") from None
     if not isinstance(doc, dict) or "inputs" not in doc:
         raise BadBatch("JSON body needs an \"inputs\" field holding the (N, *input_shape) batch")
+    bad = BadBatch("\"inputs\" must be a rectangular nested list of numbers")
     try:
-        arr = np.asarray(doc["inputs"], dtype=np.float32)
+        arr = np.asarray(doc["inputs"])
     except (ValueError, TypeError, OverflowError):
-        raise BadBatch("\"inputs\" must be a rectangular nested list of numbers") from None
-    return arr
+        raise bad from None
+    if arr.dtype.kind not in "iuf":  # strings, booleans, objects: not numbers (numpy would coerce them)
+        raise bad
+    if any(c in json.dumps(doc["inputs"]) for c in "tf"):
+        raise bad  # booleans mixed with numbers (true/false are the only letters t and f a number list can hold)
+    return arr.astype(np.float32)
+
+
+def _no_constant(name: str) -> float:
+    raise ValueError(f"{name} is not a number JSON allows")
 
 
 def parse_npy_batch(body: bytes) -> np.ndarray:
