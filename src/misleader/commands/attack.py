@@ -70,6 +70,7 @@ def run(args: argparse.Namespace) -> int:
                         eval_every=args.eval_every, force=args.force,
                         api_key=args.api_key, referee_key=args.referee_key)
     keys = ("attack", "labels", "pool", "target_kind", "clone_accuracy", "clone_accuracy_best", "fidelity",
-            "queries_used", "budget", "target_test_accuracy", "victim_test_accuracy", "seconds")
+            "queries_used", "budget", "target_test_accuracy", "victim_test_accuracy", "seconds", "pow_seconds",
+            "pow_bits")
     print(json.dumps({k: result[k] for k in keys if k in result}, indent=2))
     return 0
