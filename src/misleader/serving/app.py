@@ -311,7 +311,7 @@ def create_app(*, folder: str, store: Store, config: GatewayConfig | None = None
                                "(misleader keys add NAME --admin)").response()
             info = {**model.info(max_rows=config.max_rows, pow_enabled=config.pow is not None),
                     "folder": model.folder.name}
-            pow_desc = "off" if config.pow is None else f"{config.pow.bits(key_id='', x=torch.zeros(0))} bits"
+            pow_desc = "off" if config.pow is None else config.pow.describe()
             html = render_status(info=info, keys=store.list_keys(), queries=store.last_queries(30),
                                  pow_desc=pow_desc, rows=model.rows_answered, flagged=gw.metrics.flagged)
             return HTMLResponse(html)

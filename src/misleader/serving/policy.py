@@ -24,6 +24,9 @@ class PowPolicy(Protocol):
 
     def bits(self, *, key_id: str, x: torch.Tensor) -> int: ...
 
+    def describe(self) -> str:
+        """One line for the status page."""
+
 
 @dataclass(frozen=True)
 class FixedBits:
@@ -34,6 +37,9 @@ class FixedBits:
 
     def bits(self, *, key_id: str, x: torch.Tensor) -> int:
         return self.n
+
+    def describe(self) -> str:
+        return f"{self.n} bits per batch"
 
 
 def load_pow_policy(path: str | Path) -> PowPolicy:
