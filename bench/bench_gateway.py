@@ -165,13 +165,19 @@ def in_process_rows_per_s(folder: Path, *, rows: int, batches: int, shape: tuple
     return rows * batches / (time.perf_counter() - t0)
 
 
+class _Skip(Exception):
+    """--kill-only: skip the accounting and throughput phases."""
+
+
 def bench_store(folder: Path, db: str, args: argparse.Namespace, shape: tuple[int, ...]) -> dict:
     out: dict = {}
     per_key_requests = args.requests // args.keys
     budget = int(per_key_requests * 0.9)  # the last tenth of each key's requests must be refused
     keys = make_keys(db, args.keys, budget, "acct")
-    proc, url = start_server(folder, db)
+    proc, url = start_server(folder, db) if not args.kill_only else (None, "")
     try:
+        if proc is None:
+            raise _Skip
         res = asyncio.run(load(url, list(keys), clients=args.clients, requests=args.requests, rows=1, shape=shape))
         out["accounting"] = {**{k: v for k, v in res.items() if k != "answered"}, "budget_per_key": budget,
                              "store": check_store(db, keys, res["answered"])}
@@ -182,9 +188,12 @@ def bench_store(folder: Path, db: str, args: argparse.Namespace, shape: tuple[in
         out["throughput_64"] = {"http_rows_per_s": res64["rows_per_s"], "in_process_rows_per_s": local,
                                 "ratio": res64["rows_per_s"] / local, "p50_ms": res64["p50_ms"],
                                 "p99_ms": res64["p99_ms"], "statuses": res64["statuses"]}
+    except _Skip:
+        pass
     finally:
-        proc.terminate()
-        proc.wait(30)
+        if proc is not None:
+            proc.terminate()
+            proc.wait(30)
     if args.kill:
         kkeys = make_keys(db, args.keys, int(per_key_requests * 0.9), "kill")
         proc, url = start_server(folder, db, "--reservation-timeout", "2")
@@ -226,9 +235,11 @@ def main() -> None:
     ap.add_argument("--keys", type=int, default=8)
     ap.add_argument("--pg", default=os.environ.get("MISLEADER_TEST_PG"), help="PostgreSQL URL (a fresh schema)")
     ap.add_argument("--kill", action="store_true", help="also kill -9 the server mid-load and check the store")
-    ap.add_argument("--kill-after", type=float, default=3.0)
+    ap.add_argument("--kill-after", type=float, default=10.0, help="seconds of load before the kill -9")
+    ap.add_argument("--kill-only", action="store_true", help="only the kill phase")
     ap.add_argument("--out", default="bench/results/gateway.json")
     args = ap.parse_args()
+    args.kill = args.kill or args.kill_only
     torch.set_num_threads(1)
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_gateway_"))
