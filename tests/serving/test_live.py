@@ -77,15 +77,18 @@ def test_knockoff_through_server_equals_in_process_and_stops_at_key_budget(plain
     s.close()
 
 
-def test_pow_through_server(live, tmp_path, served_model):
-    db = str(tmp_path / "pow.sqlite3")
-    keys = _keys(db, a=10)
-    srv = live("--pow-bits", "8", db=db)
-    oracle = misleader.connect(srv.url, api_key=keys["a"])
+def test_http_oracle_solves_pow(make_client, served_model):
+    """The client's 428 handling, through the in-process app (the live server is tested above)."""
+    from misleader.serving.client import HttpOracle
+    from misleader.serving.policy import FixedBits
+
+    client, store = make_client(pow=FixedBits(8))
+    key, _ = create_key(store, name="a", budget=10)
+    oracle = HttpOracle("http://testserver", api_key=key, http=client)
     x = torch.rand(3, 1, 32, 32, generator=torch.Generator().manual_seed(2))
     assert torch.equal(oracle.query(x), served_model.predict(x))
     assert oracle.pow_bits == 8 and oracle.pow_seconds > 0 and oracle.usage()["used"] == 3
-    oracle.close()
-    s = Store(db)
-    assert [q["status"] for q in s.last_queries(2)] == [200, 428]
-    s.close()
+    assert [q["status"] for q in store.last_queries(2)] == [200, 428]
+    with pytest.raises(QueryBudgetExceeded):
+        oracle.query(torch.rand(8, 1, 32, 32))
+    assert oracle.pow_bits == 8        # refused before any puzzle was issued

@@ -34,12 +34,16 @@ def is_url(target: Any) -> bool:
 class GatewayClient:
     """Thin HTTP client of the gateway (keep-alive; every refusal turned into a one-line error)."""
 
-    def __init__(self, url: str, *, api_key: str | None, timeout: float = 120.0, max_rate_waits: int = 100) -> None:
+    def __init__(self, url: str, *, api_key: str | None, timeout: float = 120.0, max_rate_waits: int = 100,
+                 http: Any = None) -> None:
         import httpx
 
         self.url = url.rstrip("/")
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self._http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
+        if http is None:
+            http = httpx.Client(base_url=self.url, timeout=timeout)
+        http.headers.update(headers)
+        self._http = http  # an httpx.Client (tests pass FastAPI's TestClient)
         self.max_rate_waits = max_rate_waits
         self.pow_seconds = 0.0
         self.pow_bits = 0
@@ -120,11 +124,13 @@ class HttpOracle(Oracle):
             server is the argmax of its answer).
         budget: a local cap on top of the key's budget (``None``: only the server's).
         accountant: the harness's accountant (the local true count).
+        http: an ``httpx.Client`` to send through (default: a new one on ``url``).
     """
 
     def __init__(self, url: str, *, api_key: str | None, output: OutputMode | None = None,
-                 budget: int | None = None, accountant: Accountant | None = None, timeout: float = 120.0) -> None:
-        client = GatewayClient(url, api_key=api_key, timeout=timeout)
+                 budget: int | None = None, accountant: Accountant | None = None, timeout: float = 120.0,
+                 http: Any = None) -> None:
+        client = GatewayClient(url, api_key=api_key, timeout=timeout, http=http)
         info = client.get("/v1/model")
         served = info["output"]
         output = output or served
