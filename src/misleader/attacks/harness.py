@@ -81,6 +81,8 @@ def run_attack(
     options: dict | None = None,
     eval_every: int | None = None,
     force: bool = False,
+    api_key: str | None = None,
+    referee_key: str | None = None,
 ) -> dict:
     """Attack ``target`` with ``name`` and write the attack folder ``out``.
 
@@ -100,6 +102,9 @@ def run_attack(
         options: the attack's constructor keyword arguments (e.g. ``{"strategy": "adaptive"}``).
         eval_every: evaluate the clone every this many queries (attacks that train while querying).
         force: start over when ``out`` holds a run with other settings.
+        api_key: with ``target`` a gateway URL (``http://HOST:PORT``): the attacker's key.
+        referee_key: with a URL target: a second key (outside the attacker's budget) through which the
+            harness measures the target's test-set answers.
 
     Returns:
         The ``result.json`` dict.
@@ -127,13 +132,28 @@ def run_attack(
         ok = " or ".join(k for k, v in LABEL_MODES.items() if v in attack.requires)
         raise MisleaderError(f"attack {name!r} cannot work with {labels} labels: use --labels {ok}")
     MODELS.get(clone_arch)  # fail fast on an unknown architecture
-    target = Path(target)
-    parsed = read_target(target)
-    meta = parsed.meta
+    from misleader.serving.client import is_url
+
+    remote = is_url(target)
+    if remote:
+        from misleader.serving.client import connect, open_remote
+
+        if not api_key or not referee_key:
+            raise MisleaderError("a server target needs --api-key (the attacker's key) and --referee-key (a second "
+                                 "key the harness measures the target's test answers with)")
+        referee_oracle = connect(str(target), api_key=referee_key, output="probs")
+        meta = {**referee_oracle.info, "kind": referee_oracle.info.get("kind", "victim")}
+        public_meta = {k: meta[k] for k in ("dataset", "input_shape", "num_classes")}
+        target_id, target_digest = str(target), str(meta["fingerprint"])
+    else:
+        target = Path(target)
+        parsed = read_target(target)
+        meta = parsed.meta
+        public_meta = parsed.public_meta()  # all the pool choice and adapt_to_target may see
+        target_id, target_digest = str(parsed.folder), _target_digest(parsed.folder)
     if not isinstance(meta.get("dataset"), str):
         raise MisleaderError(f"{target}: the folder's metadata names no dataset; re-create it with train-victim/defend")
-    public_meta = parsed.public_meta()  # all the pool choice and adapt_to_target may see
-    settings = {"attack": name, "target": str(parsed.folder), "target_sha256": _target_digest(parsed.folder),
+    settings = {"attack": name, "target": target_id, "target_sha256": target_digest,
                 "budget": int(budget), "clone_arch": clone_arch, "labels": labels, "pool": pool,
                 "options": options or {}, "seed": int(seed), "eval_every": eval_every}
     if out.is_dir() and any(out.iterdir()):  # an earlier run (or a foreign folder): decide before any work
@@ -148,7 +168,7 @@ def run_attack(
     k = int(meta["num_classes"])
 
     # the target's test-set answers, once, outside the attacker's budget
-    referee = load_oracle(target, output="probs", budget=None, device=dev)
+    referee = referee_oracle if remote else load_oracle(target, output="probs", budget=None, device=dev)
     target_pred = query_all(referee, data.x_test).argmax(1)
     del referee
     target_acc = accuracy(target_pred, data.y_test)
@@ -185,7 +205,10 @@ def run_attack(
         clone = create_model(clone_arch, in_channels=shape[0], num_classes=k, mean=[0.5] * shape[0],
                              std=[0.5] * shape[0])
     attack.adapt_to_target(dict(public_meta))
-    oracle, accountant = open_accounted(target, output=output, budget=budget, device=dev)
+    if remote:
+        oracle, accountant = open_remote(str(target), api_key=api_key, output=output, budget=budget)
+    else:
+        oracle, accountant = open_accounted(target, output=output, budget=budget, device=dev)
     bar = progress(total=budget, desc=f"{name} queries", unit="q")
     accountant.on_query = bar.update
     log.info("attack %s on %s (%s, %s labels), budget %d, clone %s", name, target, meta["kind"], labels, budget,
@@ -243,10 +266,12 @@ def run_attack(
     if meta["kind"] == "defense":
         res["defense"] = meta.get("defense")
         vacc = meta.get("victim_test_accuracy")
-        if vacc is None and (target / "result.json").exists():
+        if vacc is None and not remote and (target / "result.json").exists():
             vacc = read_json(target / "result.json").get("victim_test_accuracy")
         if vacc is not None:
             res["victim_test_accuracy"] = float(vacc)
+    if remote:  # what the attacker paid the server in proof-of-work (0 without --pow)
+        res["pow_seconds"], res["pow_bits"] = oracle.pow_seconds, oracle.pow_bits
     res["environment"] = environment()
     write_json(out / "result.json", res)
     log.info("%s: clone accuracy %.4f (best %.4f), fidelity %.4f, %d queries, %.1fs", name,

@@ -38,7 +38,11 @@ def add_parser(sub) -> None:  # noqa: ANN001
                     "accuracy (final and best-over-evaluations) and fidelity. Attack options are the attack's "
                     "constructor arguments, e.g. -o strategy=adaptive -o epochs=20 for knockoff.")
     p.add_argument("attack", choices=_attack_names(), help="attack name (from the attack registry)")
-    p.add_argument("--target", required=True, help="victim folder (train-victim) or defense folder (defend)")
+    p.add_argument("--target", required=True,
+                   help="victim folder (train-victim), defense folder (defend) or a server http://HOST:PORT")
+    p.add_argument("--api-key", default=None, help="with a server target: the attacker's API key")
+    p.add_argument("--referee-key", default=None,
+                   help="with a server target: a second key the harness measures the target's test answers with")
     p.add_argument("--budget", type=positive_int, required=True, help="query budget (rows answered by the oracle)")
     p.add_argument("--clone-arch", required=True, help="clone architecture, e.g. lenet5 (see `misleader models`)")
     p.add_argument("--out", required=True, help="output folder (checked writable before the attack runs)")
@@ -63,8 +67,10 @@ def run(args: argparse.Namespace) -> int:
     result = run_attack(args.attack, target=args.target, budget=args.budget, clone_arch=args.clone_arch,
                         out=args.out, data_dir=args.data_dir, seed=args.seed, device=args.device,
                         labels=args.labels, pool=args.pool, options=dict(args.option) or None,
-                        eval_every=args.eval_every, force=args.force)
+                        eval_every=args.eval_every, force=args.force,
+                        api_key=args.api_key, referee_key=args.referee_key)
     keys = ("attack", "labels", "pool", "target_kind", "clone_accuracy", "clone_accuracy_best", "fidelity",
-            "queries_used", "budget", "target_test_accuracy", "victim_test_accuracy", "seconds")
+            "queries_used", "budget", "target_test_accuracy", "victim_test_accuracy", "seconds", "pow_seconds",
+            "pow_bits")
     print(json.dumps({k: result[k] for k in keys if k in result}, indent=2))
     return 0

@@ -1,0 +1,278 @@
+"""Benchmark of the HTTP gateway: exact budgets under concurrency, latency, throughput, kill -9 recovery.
+
+Phases, for each store (SQLite; PostgreSQL when ``--pg URL`` or ``$MISLEADER_TEST_PG`` is given):
+
+1. **accounting**: ``--clients`` concurrent clients send ``--requests`` single-row requests in all,
+   spread over ``--keys`` keys whose budgets are below the rows asked (so the end of the run is
+   refused with 429). Checks: per key, rows answered to the clients == the store's ``used`` == the
+   query log's rows, ``used <= budget``, no reservation left. Reports p50/p99 latency of answered
+   single-row requests and requests/s.
+2. **throughput**: 64-row ``.npy`` requests by ``--clients`` clients; rows/s divided by the rows/s of
+   the in-process oracle on the same batches measured in the same run (goal >= 0.7).
+3. **kill** (``--kill``): kill -9 the server in the middle of a load, restart it on the same store with
+   a short reservation timeout and check the store: no reservation left beyond its timeout, no
+   negative or over-budget count, ``used`` == the log's rows.
+
+Usage:
+    OMP_NUM_THREADS=1 PYTHONPATH=src .venv/bin/python bench/bench_gateway.py [--target DIR]
+        [--clients 32] [--requests 10000] [--pg postgresql://...] [--kill] [--out bench/results/gateway.json]
+Without ``--target`` a tiny victim (lenet5_fifth on the embedded digits) is trained first. Not a test:
+the numbers depend on the machine and its load (``uptime`` is recorded).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(folder: Path, db: str, *extra: str) -> tuple[subprocess.Popen, str]:
+    import httpx
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.Popen([sys.executable, "-m", "misleader", "-q", "serve", str(folder), "--port", str(port),
+                             "--db", db, "--device", "cpu", "--log-level", "error", *extra], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for _ in range(600):
+        if proc.poll() is not None:
+            raise RuntimeError("the server exited at start")
+        try:
+            if httpx.get(url + "/healthz", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError("the server did not start")
+
+
+def npy(x: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, x, allow_pickle=False)
+    return buf.getvalue()
+
+
+async def load(url: str, keys: list[str], *, clients: int, requests: int, rows: int, shape: tuple[int, ...],
+               stop_after: float | None = None) -> dict:
+    """``clients`` tasks share ``requests`` requests of ``rows`` rows; key of client i: keys[i % len(keys)]."""
+    import httpx
+
+    rng = np.random.default_rng(0)
+    bodies = [npy(rng.random((rows, *shape), dtype=np.float32)) for _ in range(8)]
+    answered = {k: 0 for k in keys}
+    statuses: dict[int, int] = {}
+    latencies: list[float] = []
+    todo = iter(range(requests))
+    t_start = time.perf_counter()
+    errors = 0
+
+    async def client(i: int) -> None:
+        nonlocal errors
+        key = keys[i % len(keys)]
+        async with httpx.AsyncClient(base_url=url, timeout=60, headers={
+                "Authorization": f"Bearer {key}", "Content-Type": "application/x-npy"}) as http:
+            for j in todo:
+                if stop_after is not None and time.perf_counter() - t_start > stop_after:
+                    return
+                t0 = time.perf_counter()
+                try:
+                    r = await http.post("/v1/predict", content=bodies[j % len(bodies)])
+                except httpx.HTTPError:
+                    errors += 1
+                    if stop_after is not None:
+                        return
+                    continue
+                dt = time.perf_counter() - t0
+                statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
+                if r.status_code == 200:
+                    latencies.append(dt)
+                    answered[key] += int(r.headers["X-Rows"])
+
+    await asyncio.gather(*(client(i) for i in range(clients)))
+    wall = time.perf_counter() - t_start
+    lat = np.array(latencies) if latencies else np.array([float("nan")])
+    return {"answered": answered, "statuses": statuses, "wall_s": wall, "errors": errors,
+            "p50_ms": float(np.percentile(lat, 50) * 1000), "p99_ms": float(np.percentile(lat, 99) * 1000),
+            "requests_per_s": sum(statuses.values()) / wall, "rows_per_s": sum(answered.values()) / wall}
+
+
+def check_store(db: str, names: dict[str, str], answered: dict[str, int] | None) -> dict:
+    """Per key: used, reserved, budget, logged rows (and rows answered to clients); consistency flags."""
+    from misleader.serving.store import Store
+
+    s = Store(db)
+    try:
+        per = {}
+        ok = True
+        for key, name in names.items():
+            k = s.get_key(name)
+            logged = s.logged_rows(k.id)
+            row = {"used": k.used, "reserved": k.reserved, "budget": k.budget, "logged": logged}
+            good = k.used == logged and k.used >= 0 and k.reserved >= 0 and (k.budget is None or k.used <= k.budget)
+            if answered is not None:
+                row["answered"] = answered[key]
+                good = good and answered[key] == k.used
+            per[name] = row
+            ok = ok and good
+        pending = s.pending_reservations()
+        return {"consistent": ok and pending == 0, "pending_reservations": pending, "keys": per}
+    finally:
+        s.close()
+
+
+def make_keys(db: str, n: int, budget: int | None, tag: str) -> dict[str, str]:
+    from misleader.serving.keys import create_key
+    from misleader.serving.store import Store
+
+    s = Store(db)
+    try:
+        return {create_key(s, name=f"{tag}{i}", budget=budget)[0]: f"{tag}{i}" for i in range(n)}
+    finally:
+        s.close()
+
+
+def in_process_rows_per_s(folder: Path, *, rows: int, batches: int, shape: tuple[int, ...]) -> float:
+    from misleader.serving.model import ServedModel
+
+    m = ServedModel(folder, output="probs", device="cpu")
+    rng = np.random.default_rng(0)
+    xs = [torch.from_numpy(rng.random((rows, *shape), dtype=np.float32)) for _ in range(8)]
+    m.predict(xs[0])
+    t0 = time.perf_counter()
+    for i in range(batches):
+        m.predict(xs[i % len(xs)])
+    return rows * batches / (time.perf_counter() - t0)
+
+
+class _Skip(Exception):
+    """--kill-only: skip the accounting and throughput phases."""
+
+
+def bench_store(folder: Path, db: str, args: argparse.Namespace, shape: tuple[int, ...]) -> dict:
+    out: dict = {}
+    per_key_requests = args.requests // args.keys
+    budget = int(per_key_requests * 0.9)  # the last tenth of each key's requests must be refused
+    keys = make_keys(db, args.keys, budget, "acct")
+    proc, url = start_server(folder, db) if not args.kill_only else (None, "")
+    try:
+        if proc is None:
+            raise _Skip
+        res = asyncio.run(load(url, list(keys), clients=args.clients, requests=args.requests, rows=1, shape=shape))
+        out["accounting"] = {**{k: v for k, v in res.items() if k != "answered"}, "budget_per_key": budget,
+                             "store": check_store(db, keys, res["answered"])}
+        tkeys = make_keys(db, 1, None, "thru")
+        n_req = max(1, args.throughput_requests)
+        res64 = asyncio.run(load(url, list(tkeys), clients=args.clients, requests=n_req, rows=64, shape=shape))
+        local = in_process_rows_per_s(folder, rows=64, batches=n_req, shape=shape)
+        out["throughput_64"] = {"http_rows_per_s": res64["rows_per_s"], "in_process_rows_per_s": local,
+                                "ratio": res64["rows_per_s"] / local, "p50_ms": res64["p50_ms"],
+                                "p99_ms": res64["p99_ms"], "statuses": res64["statuses"]}
+    except _Skip:
+        pass
+    finally:
+        if proc is not None:
+            proc.terminate()
+            proc.wait(30)
+    if args.kill:
+        kkeys = make_keys(db, args.keys, int(per_key_requests * 0.9), "kill")
+        proc, url = start_server(folder, db, "--reservation-timeout", "2")
+        loop_task = asyncio.new_event_loop()
+
+        async def run_and_kill() -> dict:
+            task = asyncio.create_task(load(url, list(kkeys), clients=args.clients, requests=args.requests, rows=1,
+                                            shape=shape, stop_after=60))
+            await asyncio.sleep(args.kill_after)
+            os.kill(proc.pid, signal.SIGKILL)
+            return await task
+
+        res = loop_task.run_until_complete(run_and_kill())
+        loop_task.close()
+        proc.wait()
+        before = check_store(db, kkeys, None)
+        proc, url = start_server(folder, db, "--reservation-timeout", "2")
+        time.sleep(2.5)
+        from misleader.serving.store import Store
+
+        s = Store(db)
+        s.expire_reservations()
+        s.close()
+        after = check_store(db, kkeys, None)
+        proc.terminate()
+        proc.wait(30)
+        out["kill"] = {"answered_to_clients": sum(res["answered"].values()),
+                       "store_used": sum(k["used"] for k in after["keys"].values()),
+                       "pending_at_kill": before["pending_reservations"], "after_restart": after}
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--target", default=None, help="victim or defense folder (default: a tiny digits victim)")
+    ap.add_argument("--clients", type=int, default=32)
+    ap.add_argument("--requests", type=int, default=10000, help="single-row requests in the accounting phase")
+    ap.add_argument("--throughput-requests", type=int, default=500, help="64-row requests in the throughput phase")
+    ap.add_argument("--keys", type=int, default=8)
+    ap.add_argument("--pg", default=os.environ.get("MISLEADER_TEST_PG"), help="PostgreSQL URL (a fresh schema)")
+    ap.add_argument("--kill", action="store_true", help="also kill -9 the server mid-load and check the store")
+    ap.add_argument("--kill-after", type=float, default=10.0, help="seconds of load before the kill -9")
+    ap.add_argument("--kill-only", action="store_true", help="only the kill phase")
+    ap.add_argument("--out", default="bench/results/gateway.json")
+    args = ap.parse_args()
+    args.kill = args.kill or args.kill_only
+    torch.set_num_threads(1)
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench_gateway_"))
+    if args.target is None:
+        from misleader.training.victim import train_victim
+
+        folder = tmp / "victim"
+        train_victim(dataset="digits", arch="lenet5_fifth", epochs=1, out=folder, device="cpu", seed=0)
+    else:
+        folder = Path(args.target)
+    from misleader.oracle.manifest import read_target
+
+    shape = tuple(read_target(folder).input_shape)
+    result = {"target": str(folder), "clients": args.clients, "requests": args.requests, "keys": args.keys,
+              "load_before": os.getloadavg(), "cpus": os.cpu_count(), "stores": {}}
+    result["stores"]["sqlite"] = bench_store(folder, str(tmp / "g.sqlite3"), args, shape)
+    if args.pg:
+        import psycopg
+
+        schema = "bench_" + secrets.token_hex(4)
+        with psycopg.connect(args.pg, autocommit=True) as c:
+            c.execute(f"CREATE SCHEMA {schema}")
+        sep = "&" if "?" in args.pg else "?"
+        result["stores"]["postgresql"] = bench_store(folder, f"{args.pg}{sep}options=-csearch_path%3D{schema}",
+                                                     args, shape)
+    result["load_after"] = os.getloadavg()
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.out:
+        from misleader.utils import atomic_write_text
+
+        atomic_write_text(args.out, text + "\n")
+
+
+if __name__ == "__main__":
+    main()

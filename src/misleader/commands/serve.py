@@ -1,0 +1,104 @@
+"""misleader serve: answer predictions of a victim or defense folder over HTTP (keys, budgets, PoW)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from pathlib import Path
+
+from misleader.commands.common import positive_int
+from misleader.errors import MisleaderError
+
+log = logging.getLogger(__name__)
+
+
+def add_parser(sub) -> None:  # noqa: ANN001
+    p = sub.add_parser(
+        "serve", help="serve a victim or defense folder over HTTP with API keys, exact budgets and proof-of-work",
+        description="Start the gateway (FastAPI + uvicorn): POST /v1/predict (JSON or .npy), GET /v1/model, "
+                    "/v1/usage, /healthz, /metrics, / (status page, admin key). Create keys with `misleader keys`.")
+    p.add_argument("folder", help="victim folder (train-victim) or defense folder (defend)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--db", default=None,
+                   help="store: a SQLite file, sqlite:///PATH or postgresql://... "
+                        "(default: FOLDER.gateway.sqlite3 beside the folder)")
+    p.add_argument("--output", choices=["probs", "labels"], default="probs", help="what clients get (default probs)")
+    p.add_argument("--device", default="cpu", help="cpu | cuda | auto (default cpu)")
+    p.add_argument("--max-rows", type=positive_int, default=1024, help="rows per request at most (default 1024)")
+    pow_ = p.add_mutually_exclusive_group()
+    pow_.add_argument("--pow", default=None, metavar="DIR", help="proof-of-work config folder (DIR/pow.json)")
+    pow_.add_argument("--pow-bits", type=int, default=None, metavar="N", help="fixed proof-of-work bits per batch")
+    p.add_argument("--pow-secret-file", default=None,
+                   help="file holding the HMAC secret of PoW challenges (share it between replicas; default: "
+                        "$MISLEADER_POW_SECRET or a random secret per process)")
+    p.add_argument("--detector", default=None, help="(not available yet) detector policy")
+    p.add_argument("--ray", action="store_true", help="(not available yet) run under Ray Serve")
+    p.add_argument("--replicas", type=positive_int, default=1, help="Ray Serve replicas (with --ray)")
+    p.add_argument("--reservation-timeout", type=float, default=None, metavar="SECONDS",
+                   help="release a reservation whose request has not finished after this long (default 120)")
+    p.add_argument("--log-level", default="warning", help="uvicorn log level (default warning)")
+    p.set_defaults(func=run)
+
+
+def pow_secret(path: str | None) -> bytes | None:
+    """The PoW HMAC secret from a file or ``$MISLEADER_POW_SECRET`` (``None``: a random one)."""
+    if path:
+        from misleader.oracle.manifest import check_regular_file
+
+        data = check_regular_file(Path(path), what="PoW secret file").read_bytes().strip()
+    else:
+        data = os.environ.get("MISLEADER_POW_SECRET", "").encode()
+        if not data:
+            return None
+    if len(data) < 16:
+        raise MisleaderError("the PoW secret must be at least 16 bytes: write e.g. `openssl rand -hex 32` to it")
+    return data
+
+
+def build(args: argparse.Namespace):  # noqa: ANN201 - (FastAPI app, Store, db url)
+    from misleader.serving.app import GatewayConfig, create_app
+    from misleader.serving.policy import FixedBits, load_pow_policy
+    from misleader.serving.store import Store, default_db
+
+    if args.detector:
+        raise MisleaderError("--detector is not available yet in this version: serve without it")
+    if args.ray:
+        raise MisleaderError("--ray is not available yet in this version: run several `misleader serve` processes "
+                             "on one --db postgresql://... store instead")
+    if not Path(args.folder).is_dir():
+        raise MisleaderError(f"{args.folder} is not a folder: pass a victim or defense folder")
+    pow_policy = None
+    if args.pow is not None:
+        pow_policy = load_pow_policy(args.pow)
+    elif args.pow_bits is not None:
+        from misleader.pow.puzzle import check_bits
+
+        try:
+            pow_policy = FixedBits(check_bits(args.pow_bits))
+        except ValueError as exc:
+            raise MisleaderError(f"--pow-bits: {exc}") from None
+    db = args.db or default_db(args.folder)
+    store = Store(db)
+    cfg = GatewayConfig(output=args.output, device=args.device, max_rows=args.max_rows, pow=pow_policy)
+    secret = pow_secret(args.pow_secret_file)
+    if args.reservation_timeout is not None:
+        cfg.reservation_timeout = args.reservation_timeout
+    if secret is not None:
+        cfg.pow_secret = secret
+    return create_app(folder=args.folder, store=store, config=cfg), store, db
+
+
+def run(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    app, store, db = build(args)
+    log.info("serving %s on http://%s:%d (store %s)", args.folder, args.host, args.port, store._safe_url())
+    print(f"misleader: serving {args.folder} on http://{args.host}:{args.port} (store {store._safe_url()})",
+          flush=True)
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    finally:
+        store.close()
+    return 0

@@ -1,0 +1,323 @@
+"""The HTTP gateway: a FastAPI app serving one victim or defense folder with keys, budgets and PoW.
+
+Design: ``../shared/research/pow-same.md`` part C. Endpoints:
+
+* ``POST /v1/predict`` — a batch as JSON (``{"inputs": ...}``) or ``.npy`` (``Content-Type:
+  application/x-npy``); answered in the same encoding. ``Authorization: Bearer KEY``.
+* ``GET /v1/model`` (public metadata, pipeline summary), ``GET /v1/usage`` (the caller's budget),
+  ``GET /healthz``, ``GET /metrics`` (Prometheus), ``GET /`` (status page; admin key).
+
+Order of a prediction: body size cap (413) -> key (401 unknown, 403 revoked) -> rate limit (429 +
+``Retry-After``) -> batch parse and checks (400/413/422) -> proof-of-work (428 with a signed challenge
+bound to the key and the batch's sha256; the resent batch with ``X-PoW-Challenge`` / ``X-PoW-Nonce``
+is verified and the challenge spent) -> budget reservation in one transaction (429 with
+``remaining``; nothing partial) -> the model, off the event loop -> commit + query log row in one
+transaction (released if the model fails). Every refusal is logged with its status and reason.
+Errors never carry a traceback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from fastapi import FastAPI, HTTPException, Request, Security
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from misleader.pow import puzzle
+from misleader.serving import schemas
+from misleader.serving.keys import authenticate
+from misleader.serving.metrics import Metrics
+from misleader.serving.model import ServedModel
+from misleader.serving.policy import Detector, PowPolicy
+from misleader.serving.store import RESERVATION_TIMEOUT, BudgetExceeded, KeyRecord, Store
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_ROWS = 1024
+
+
+@dataclass
+class GatewayConfig:
+    """Everything :func:`create_app` needs besides the folder and the store."""
+
+    output: str = "probs"
+    device: str = "cpu"
+    max_rows: int = DEFAULT_MAX_ROWS
+    max_body_bytes: int | None = None   # default: what max_rows rows take as JSON text
+    pow: PowPolicy | None = None
+    pow_secret: bytes = field(default_factory=lambda: secrets.token_bytes(32))
+    detector: Detector | None = None
+    reservation_timeout: float = RESERVATION_TIMEOUT
+
+
+class Refused(Exception):
+    """A refusal with its HTTP status, reason and extra body fields / headers."""
+
+    def __init__(self, status: int, reason: str, detail: str, *, headers: dict[str, str] | None = None,
+                 rows: int = 0, key_id: str | None = None, **fields: Any) -> None:
+        super().__init__(detail)
+        self.status, self.reason, self.detail = status, reason, detail
+        self.headers, self.fields, self.rows, self.key_id = headers or {}, fields, rows, key_id
+
+    def response(self) -> JSONResponse:
+        body = {"detail": self.detail, "reason": self.reason, **self.fields}
+        return JSONResponse(body, status_code=self.status, headers=self.headers)
+
+
+_ERR = {"model": schemas.ErrorResponse}
+_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"content": {schemas.NPY: {"schema": {"type": "string", "format": "binary"}}}},
+    400: _ERR, 401: _ERR, 403: _ERR, 413: _ERR, 422: _ERR, 428: _ERR, 429: _ERR}
+
+
+class Gateway:
+    """The app's state: the model, the store, the limiter, the metrics."""
+
+    def __init__(self, *, model: ServedModel, store: Store, config: GatewayConfig) -> None:
+        from limits import parse
+        from limits.storage import MemoryStorage
+        from limits.strategies import MovingWindowRateLimiter
+
+        self.model, self.store, self.config = model, store, config
+        self.metrics = Metrics()
+        self.limiter = MovingWindowRateLimiter(MemoryStorage())
+        self._parse_rate = parse
+        per_row = 24 * math.prod(model.input_shape)  # generous JSON text per row
+        self.max_body = config.max_body_bytes or per_row * config.max_rows + 4096
+
+    # ------------------------------------------------------------------ pieces
+    def key_of(self, token: str | None) -> KeyRecord:
+        if not token:
+            raise Refused(401, "no_key", "send your API key as 'Authorization: Bearer KEY'",
+                          headers={"WWW-Authenticate": "Bearer"})
+        rec = authenticate(self.store, token)
+        if rec is None:
+            raise Refused(401, "bad_key", "unknown API key: check it, or ask the operator for one",
+                          headers={"WWW-Authenticate": "Bearer"})
+        if rec.revoked:
+            raise Refused(403, "revoked", "this API key was revoked: ask the operator for a new one", key_id=rec.id)
+        return rec
+
+    def rate_limit(self, rec: KeyRecord) -> None:
+        if not rec.rate:
+            return
+        item = self._parse_rate(rec.rate)
+        if not self.limiter.hit(item, rec.id):
+            reset = self.limiter.get_window_stats(item, rec.id).reset_time
+            wait = max(1, math.ceil(reset - time.time()))
+            raise Refused(429, "rate", f"rate limit {rec.rate} reached: retry after {wait} s",
+                          headers={"Retry-After": str(wait)}, key_id=rec.id)
+
+    def parse(self, body: bytes, content_type: str, key_id: str) -> torch.Tensor:
+        try:
+            arr = (schemas.parse_npy_batch(body) if content_type.startswith(schemas.NPY)
+                   else schemas.parse_json_batch(body))
+        except schemas.BadBatch as exc:
+            raise Refused(400, "bad_body", str(exc), key_id=key_id) from None
+        if arr.ndim >= 1 and arr.shape[0] > self.config.max_rows:
+            raise Refused(413, "too_many_rows", f"{arr.shape[0]} rows in one request; at most "
+                          f"{self.config.max_rows}: split the batch", key_id=key_id)
+        x = torch.from_numpy(np.ascontiguousarray(arr))
+        try:
+            self.model.validate(x)
+        except ValueError as exc:
+            raise Refused(422, "bad_batch", f"{exc} (expected (N, {', '.join(map(str, self.model.input_shape))})"
+                          " floats in [0, 1])", key_id=key_id) from None
+        return x
+
+    def check_pow(self, rec: KeyRecord, x: torch.Tensor, digest: str, headers: Any) -> int | None:
+        policy = self.config.pow
+        if policy is None:
+            return None
+        token, nonce = headers.get("x-pow-challenge"), headers.get("x-pow-nonce")
+        n = int(x.shape[0])
+        if token and nonce is not None:
+            try:
+                solution = int(nonce)
+            except ValueError:
+                raise Refused(400, "pow_invalid", "X-PoW-Nonce must be a non-negative integer", key_id=rec.id,
+                              rows=n) from None
+            try:
+                payload = puzzle.verify(token, solution=solution, secret=self.config.pow_secret, client=rec.id,
+                                        batch_sha256=digest, store=self.store)
+                return int(payload["bits"])
+            except puzzle.ChallengeExpired:
+                pass  # a fresh challenge below
+            except puzzle.PowError as exc:
+                raise Refused(400, "pow_invalid", str(exc), key_id=rec.id, rows=n) from None
+        remaining = self.store.get_key(rec.id).remaining
+        if remaining is not None and remaining < n:  # do not make a client pay for a refused batch
+            raise Refused(429, "budget", f"query of {n} rows refused: {remaining} of the key's budget of "
+                          f"{rec.budget} remaining", remaining=remaining, key_id=rec.id, rows=n,
+                          headers={"X-Budget-Remaining": str(remaining)})
+        bits = puzzle.check_bits(int(policy.bits(key_id=rec.id, x=x)))
+        token = puzzle.issue_challenge(secret=self.config.pow_secret, client=rec.id, batch_sha256=digest, bits=bits,
+                                       ttl=policy.ttl)
+        self.metrics.challenge(bits)
+        raise Refused(428, "pow_required", f"solve the proof-of-work challenge ({bits} bits) and resend the same "
+                      "batch with X-PoW-Challenge and X-PoW-Nonce", challenge=token, bits=bits, key_id=rec.id,
+                      rows=n, pow_bits=bits, headers={"X-PoW-Challenge": token})
+
+    # ------------------------------------------------------------------ the request, in a worker thread
+    def predict(self, *, token: str | None, body: bytes, content_type: str, headers: Any) -> Response:
+        t0 = time.perf_counter()
+        rec: KeyRecord | None = None
+        digest: str | None = None
+        try:
+            rec = self.key_of(token)
+            self.rate_limit(rec)
+            x = self.parse(body, content_type, rec.id)
+            digest = puzzle.batch_digest(x)
+            bits = self.check_pow(rec, x, digest, headers)
+            n = int(x.shape[0])
+            try:
+                rid = self.store.reserve(rec.id, n, timeout=self.config.reservation_timeout)
+            except BudgetExceeded as exc:
+                raise Refused(429, "budget", str(exc), remaining=exc.remaining, key_id=rec.id, rows=n,
+                              headers={"X-Budget-Remaining": str(exc.remaining)}) from None
+            score = None
+            try:
+                out = self.model.predict(x)
+                if self.config.detector is not None:
+                    score = float(self.config.detector.score(key_id=rec.id, x=x).float().mean())
+                    if self.config.detector.flagged(rec.id):
+                        self.metrics.flag(rec.id)
+            except BaseException:
+                self.store.release(rid, log_row={"key_id": rec.id, "rows": n, "batch_sha256": digest,
+                                                 "status": 500, "reason": "model_failed",
+                                                 "output": self.model.output, "pow_bits": bits})
+                raise
+            ms = 1000 * (time.perf_counter() - t0)
+            if not self.store.commit(rid, log_row={"key_id": rec.id, "batch_sha256": digest, "status": 200,
+                                                   "output": self.model.output, "pow_bits": bits,
+                                                   "detector_score": score, "latency_ms": ms}):
+                raise Refused(503, "timeout", "the request outlived its reservation: retry", key_id=rec.id)
+            remaining = self.store.get_key(rec.id).remaining
+            self.metrics.observe(status=200, seconds=time.perf_counter() - t0, rows=n)
+            hdr = {"X-Rows": str(n), "X-Budget-Remaining": "" if remaining is None else str(remaining)}
+            if bits is not None:
+                hdr["X-PoW-Bits"] = str(bits)
+            arr = out.cpu().numpy()
+            if content_type.startswith(schemas.NPY):
+                return Response(schemas.npy_bytes(arr), media_type=schemas.NPY, headers=hdr)
+            return JSONResponse({"output": self.model.output, "rows": n, "remaining": remaining, "pow_bits": bits,
+                                 "outputs": arr.tolist()}, headers=hdr)
+        except Refused as r:
+            secs = time.perf_counter() - t0
+            self.metrics.observe(status=r.status, seconds=secs, reason=r.reason)
+            with contextlib.suppress(Exception):
+                self.store.log_query({"key_id": r.key_id, "rows": r.rows, "batch_sha256": digest,
+                                      "status": r.status, "reason": r.reason, "output": self.model.output,
+                                      "pow_bits": r.fields.get("pow_bits"), "latency_ms": 1000 * secs})
+            return r.response()
+        except Exception:  # noqa: BLE001 - logged here; the client gets no traceback
+            log.exception("prediction failed")
+            self.metrics.observe(status=500, seconds=time.perf_counter() - t0, reason="internal")
+            return JSONResponse({"detail": "internal error: see the server log", "reason": "internal"},
+                                status_code=500)
+
+
+def create_app(*, folder: str, store: Store, config: GatewayConfig | None = None,
+               model: ServedModel | None = None) -> FastAPI:
+    """The FastAPI app for ``folder`` (the model is loaded here, once)."""
+    config = config or GatewayConfig()
+    model = model or ServedModel(folder, output=config.output, device=config.device)  # type: ignore[arg-type]
+    gw = Gateway(model=model, store=store, config=config)
+    bearer = HTTPBearer(auto_error=False, description="Authorization: Bearer KEY (from `misleader keys add`)")
+    app = FastAPI(title="misleader gateway", version="1",
+                  description="Predictions of a defended model, with API keys, exact budgets and proof-of-work.")
+    app.state.gateway = gw
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, exc: Exception) -> JSONResponse:  # no traceback leaves the server
+        log.exception("unhandled error on %s", request.url.path)
+        return JSONResponse({"detail": "internal error: see the server log", "reason": "internal"}, status_code=500)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ()))
+        return JSONResponse({"detail": f"{where}: {first.get('msg', 'invalid request')}", "reason": "invalid"},
+                            status_code=422)
+
+    @app.post("/v1/predict", response_model=schemas.PredictResponse, responses=_RESPONSES,
+              openapi_extra=schemas.request_schema(model.input_shape),
+              summary="Answer a batch (JSON or .npy); counts its rows against the key's budget")
+    async def predict(request: Request,
+                      creds: HTTPAuthorizationCredentials | None = Security(bearer)) -> Response:
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > gw.max_body:
+            return Refused(413, "body_too_large", f"body over {gw.max_body} bytes: send fewer rows per request "
+                           "(or .npy)").response()
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > gw.max_body:
+                return Refused(413, "body_too_large", f"body over {gw.max_body} bytes: send fewer rows per "
+                               "request (or .npy)").response()
+            chunks.append(chunk)
+        return await run_in_threadpool(gw.predict, token=creds.credentials if creds else None, body=b"".join(chunks),
+                                       content_type=request.headers.get("content-type", ""),
+                                       headers=request.headers)
+
+    @app.get("/v1/model", response_model=schemas.ModelInfo, summary="What is served (public metadata only)")
+    async def model_info() -> dict[str, Any]:
+        return model.info(max_rows=config.max_rows, pow_enabled=config.pow is not None)
+
+    @app.get("/v1/usage", response_model=schemas.Usage, responses={401: _ERR, 403: _ERR},
+             summary="The caller's budget")
+    async def usage(creds: HTTPAuthorizationCredentials | None = Security(bearer)) -> Any:
+        def read() -> Any:
+            try:
+                rec = gw.key_of(creds.credentials if creds else None)
+            except Refused as r:
+                return r.response()
+            return {"name": rec.name, "budget": rec.budget, "used": rec.used, "remaining": rec.remaining}
+        return await run_in_threadpool(read)
+
+    @app.get("/healthz", summary="Liveness")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/metrics", response_class=PlainTextResponse, summary="Prometheus metrics")
+    async def metrics() -> PlainTextResponse:
+        return PlainTextResponse(gw.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    json_err = {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}}
+
+    @app.get("/", response_class=HTMLResponse, responses={401: json_err, 403: json_err},
+             summary="Status page (admin key)")
+    async def status(creds: HTTPAuthorizationCredentials | None = Security(bearer)) -> Response:
+        from misleader.serving.status_page import render_status
+
+        def page() -> Response:
+            try:
+                rec = gw.key_of(creds.credentials if creds else None)
+            except Refused as r:
+                return r.response()
+            if not rec.admin:
+                return Refused(403, "not_admin", "the status page needs an admin key "
+                               "(misleader keys add NAME --admin)").response()
+            info = {**model.info(max_rows=config.max_rows, pow_enabled=config.pow is not None),
+                    "folder": model.folder.name}
+            pow_desc = "off" if config.pow is None else config.pow.describe()
+            html = render_status(info=info, keys=store.list_keys(), queries=store.last_queries(30),
+                                 pow_desc=pow_desc, rows=model.rows_answered, flagged=gw.metrics.flagged)
+            return HTMLResponse(html)
+        return await run_in_threadpool(page)
+
+    return app
+
+
+__all__ = ["GatewayConfig", "Gateway", "create_app"]

@@ -1,0 +1,368 @@
+"""The gateway's store: API keys (hashes only), exact per-key budgets, spent PoW challenges, the query log.
+
+One schema on two engines: SQLite (default; WAL journal, a file beside the server's state) and
+PostgreSQL (``postgresql://...``, psycopg 3). Budgets are exact under concurrency and across
+processes: :meth:`Store.reserve` adds the rows to the key's ``reserved`` column with one conditional
+``UPDATE`` (``used + reserved + n <= budget``) and records the reservation in the same transaction;
+:meth:`Store.commit` moves them to ``used`` and writes the query log row in one transaction;
+:meth:`Store.release` gives them back. A reservation left by a killed server is released by
+:meth:`Store.expire_reservations` once its timeout has passed (called at start and on every reserve).
+
+Schema versioned in ``meta.schema_version`` (:data:`SCHEMA_VERSION`); a store written by a newer
+version is refused with a one-line message.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+from contextlib import contextmanager
+
+from misleader.errors import MisleaderError
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+#: seconds after which a reservation whose request never finished is released
+RESERVATION_TIMEOUT = 120.0
+
+_TABLES = {
+    "meta": "CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT NOT NULL)",
+    "keys": ("CREATE TABLE IF NOT EXISTS api_keys (id TEXT PRIMARY KEY, name TEXT NOT NULL UNIQUE, "
+             "hash TEXT NOT NULL UNIQUE, budget BIGINT, used BIGINT NOT NULL DEFAULT 0, "
+             "reserved BIGINT NOT NULL DEFAULT 0, rate TEXT, admin INTEGER NOT NULL DEFAULT 0, "
+             "revoked INTEGER NOT NULL DEFAULT 0, created DOUBLE PRECISION NOT NULL, "
+             "CHECK (used >= 0), CHECK (reserved >= 0))"),
+    "reservations": ("CREATE TABLE IF NOT EXISTS reservations (id TEXT PRIMARY KEY, key_id TEXT NOT NULL, "
+                     "rows_n BIGINT NOT NULL, expires DOUBLE PRECISION NOT NULL)"),
+    "spent": "CREATE TABLE IF NOT EXISTS spent (id TEXT PRIMARY KEY, expires DOUBLE PRECISION NOT NULL)",
+    "queries": ("CREATE TABLE IF NOT EXISTS queries (id {serial}, key_id TEXT, ts DOUBLE PRECISION NOT NULL, "
+                "rows_n BIGINT NOT NULL, batch_sha256 TEXT, output TEXT, pow_bits INTEGER, "
+                "detector_score DOUBLE PRECISION, latency_ms DOUBLE PRECISION, status INTEGER NOT NULL, "
+                "reason TEXT)"),
+}
+_INDEXES = ["CREATE INDEX IF NOT EXISTS queries_key ON queries (key_id, id)",
+            "CREATE INDEX IF NOT EXISTS reservations_expires ON reservations (expires)"]
+
+
+@dataclass(frozen=True)
+class KeyRecord:
+    """One API key as stored (never the key itself)."""
+
+    id: str
+    name: str
+    budget: int | None
+    used: int
+    reserved: int
+    rate: str | None
+    admin: bool
+    revoked: bool
+    created: float
+
+    @property
+    def remaining(self) -> int | None:
+        return None if self.budget is None else self.budget - self.used - self.reserved
+
+
+_KEY_COLS = "id, name, budget, used, reserved, rate, admin, revoked, created"
+
+
+def _key(row: Any) -> KeyRecord:
+    return KeyRecord(id=row[0], name=row[1], budget=None if row[2] is None else int(row[2]), used=int(row[3]),
+                     reserved=int(row[4]), rate=row[5], admin=bool(row[6]), revoked=bool(row[7]),
+                     created=float(row[8]))
+
+
+class BudgetExceeded(MisleaderError):
+    """The key's remaining budget is smaller than the batch (nothing was reserved)."""
+
+    def __init__(self, message: str, *, remaining: int) -> None:
+        super().__init__(message)
+        self.remaining = remaining
+
+
+class Store:
+    """The store over a DB-API connection factory; one connection per thread.
+
+    Args:
+        url: ``sqlite:///PATH``, a plain file path (SQLite), or ``postgresql://...``.
+    """
+
+    def __init__(self, url: str | Path) -> None:
+        url = str(url)
+        self.url = url
+        self.postgres = url.startswith(("postgresql://", "postgres://"))
+        if not self.postgres:
+            path = url[len("sqlite:///"):] if url.startswith("sqlite:///") else url
+            if "://" in path:
+                raise MisleaderError(f"--db {url!r}: use a file path, sqlite:///PATH or postgresql://...")
+            self.path = Path(path)
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._local = threading.local()
+        self._last_expiry = 0.0
+        self._conns: list[Any] = []
+        self._lock = threading.Lock()
+        self._init_schema()
+
+    # ------------------------------------------------------------------ connections
+    def _connect(self) -> Any:
+        if self.postgres:
+            try:
+                import psycopg
+            except ImportError:
+                raise MisleaderError("PostgreSQL stores need psycopg: pip install 'misleader[serve]'") from None
+            try:
+                conn = psycopg.connect(self.url, autocommit=True)
+            except psycopg.OperationalError as exc:
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                raise MisleaderError(f"cannot connect to {self._safe_url()}: {first}: check --db") from None
+            return conn
+        conn = sqlite3.connect(self.path, timeout=60.0, isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=NORMAL")
+        conn.execute("PRAGMA busy_timeout=60000")
+        return conn
+
+    def _safe_url(self) -> str:
+        if not self.postgres:
+            return str(self.path)
+        head, at, tail = self.url.rpartition("@")
+        return f"postgresql://***@{tail}" if at else self.url
+
+    def _conn(self) -> Any:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._connect()
+            self._local.conn = conn
+            with self._lock:
+                self._conns.append(conn)
+        return conn
+
+    def close(self) -> None:
+        """Close every connection this store opened."""
+        with self._lock:
+            for c in self._conns:
+                try:
+                    c.close()
+                except Exception:  # noqa: BLE001 - closing on shutdown, nothing to do
+                    pass
+            self._conns.clear()
+        self._local = threading.local()
+
+    def _sql(self, sql: str) -> str:
+        return sql.replace("?", "%s") if self.postgres else sql
+
+    @contextmanager
+    def _tx(self) -> Iterator[Any]:
+        """One write transaction (SQLite: ``BEGIN IMMEDIATE``, the writer lock taken up front)."""
+        conn = self._conn()
+        cur = conn.cursor()
+        cur.execute("BEGIN" if self.postgres else "BEGIN IMMEDIATE")
+        try:
+            yield cur
+        except BaseException:
+            cur.execute("ROLLBACK")
+            raise
+        cur.execute("COMMIT")
+
+    def _exec(self, cur: Any, sql: str, params: tuple = ()) -> Any:
+        cur.execute(self._sql(sql), params)
+        return cur
+
+    def _query(self, sql: str, params: tuple = ()) -> list[tuple]:
+        cur = self._conn().cursor()
+        cur.execute(self._sql(sql), params)
+        return [tuple(r) for r in cur.fetchall()]
+
+    def _init_schema(self) -> None:
+        serial = "BIGSERIAL PRIMARY KEY" if self.postgres else "INTEGER PRIMARY KEY AUTOINCREMENT"
+        with self._tx() as cur:
+            if self.postgres:  # concurrent first starts (replicas) create the schema once
+                cur.execute("SELECT pg_advisory_xact_lock(724163)")
+            for sql in _TABLES.values():
+                cur.execute(sql.format(serial=serial))
+            for sql in _INDEXES:
+                cur.execute(sql)
+            self._exec(cur, "SELECT v FROM meta WHERE k = ?", ("schema_version",))
+            row = cur.fetchone()
+            if row is None:
+                self._exec(cur, "INSERT INTO meta (k, v) VALUES (?, ?)", ("schema_version", str(SCHEMA_VERSION)))
+            elif int(row[0]) > SCHEMA_VERSION:
+                raise MisleaderError(f"store {self._safe_url()} has schema version {row[0]}, newer than this "
+                                     f"misleader's {SCHEMA_VERSION}: upgrade misleader")
+        self.expire_reservations()
+
+    # ------------------------------------------------------------------ keys
+    def add_key(self, *, name: str, key_hash: str, budget: int | None, rate: str | None = None,
+                admin: bool = False) -> KeyRecord:
+        """Insert a key (its hash only); a duplicate name is a :class:`MisleaderError`."""
+        if budget is not None and budget < 0:
+            raise MisleaderError(f"budget must be >= 0, got {budget}")
+        kid = secrets.token_hex(6)
+        try:
+            with self._tx() as cur:
+                self._exec(cur, "SELECT 1 FROM api_keys WHERE name = ?", (name,))
+                if cur.fetchone() is not None:
+                    raise MisleaderError(f"a key named {name!r} exists: pick another name or revoke it")
+                self._exec(cur, "INSERT INTO api_keys (id, name, hash, budget, rate, admin, created) "
+                                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                           (kid, name, key_hash, budget, rate, int(admin), time.time()))
+        except MisleaderError:
+            raise
+        except Exception as exc:  # unique violation raced by another process
+            if "unique" in str(exc).lower():
+                raise MisleaderError(f"a key named {name!r} exists: pick another name or revoke it") from None
+            raise
+        return self.get_key(name)
+
+    def get_key(self, name_or_id: str) -> KeyRecord:
+        rows = self._query(f"SELECT {_KEY_COLS} FROM api_keys WHERE name = ? OR id = ?", (name_or_id, name_or_id))
+        if not rows:
+            raise MisleaderError(f"no key named {name_or_id!r}: see `misleader keys list`")
+        return _key(rows[0])
+
+    def key_by_hash(self, key_hash: str) -> KeyRecord | None:
+        rows = self._query(f"SELECT {_KEY_COLS} FROM api_keys WHERE hash = ?", (key_hash,))
+        return _key(rows[0]) if rows else None
+
+    def list_keys(self) -> list[KeyRecord]:
+        return [_key(r) for r in self._query(f"SELECT {_KEY_COLS} FROM api_keys ORDER BY created, name")]
+
+    def revoke(self, name_or_id: str) -> KeyRecord:
+        k = self.get_key(name_or_id)
+        with self._tx() as cur:
+            self._exec(cur, "UPDATE api_keys SET revoked = 1 WHERE id = ?", (k.id,))
+        return self.get_key(k.id)
+
+    def set_budget(self, name_or_id: str, budget: int | None) -> KeyRecord:
+        if budget is not None and budget < 0:
+            raise MisleaderError(f"budget must be >= 0, got {budget}")
+        k = self.get_key(name_or_id)
+        with self._tx() as cur:
+            self._exec(cur, "UPDATE api_keys SET budget = ? WHERE id = ?", (budget, k.id))
+        return self.get_key(k.id)
+
+    # ------------------------------------------------------------------ budgets
+    def reserve(self, key_id: str, rows: int, *, timeout: float = RESERVATION_TIMEOUT) -> str:
+        """Reserve ``rows`` of the key's budget (one transaction); returns the reservation id.
+
+        Raises:
+            BudgetExceeded: fewer than ``rows`` remain (nothing reserved); ``.remaining`` says how many do.
+        """
+        now = time.time()
+        if now - self._last_expiry > 1.0:  # at most once a second per store object
+            self._last_expiry = now
+            self.expire_reservations(now=now)
+        rid = secrets.token_hex(12)
+        with self._tx() as cur:
+            self._exec(cur, "UPDATE api_keys SET reserved = reserved + ? WHERE id = ? AND revoked = 0 AND "
+                            "(budget IS NULL OR used + reserved + ? <= budget)", (rows, key_id, rows))
+            ok = cur.rowcount == 1
+            if ok:
+                self._exec(cur, "INSERT INTO reservations (id, key_id, rows_n, expires) VALUES (?, ?, ?, ?)",
+                           (rid, key_id, rows, now + timeout))
+        if not ok:
+            k = self.get_key(key_id)
+            remaining = max(0, k.remaining or 0)
+            raise BudgetExceeded(f"query of {rows} rows refused: {remaining} of the key's budget of {k.budget} "
+                                 f"remaining", remaining=remaining)
+        return rid
+
+    def _finish(self, cur: Any, rid: str, *, used: bool) -> int | None:
+        self._exec(cur, "DELETE FROM reservations WHERE id = ? RETURNING key_id, rows_n", (rid,))
+        row = cur.fetchone()
+        if row is None:
+            return None
+        key_id, n = row[0], int(row[1])
+        col = "used = used + ?, " if used else ""
+        params = (n, n, key_id) if used else (n, key_id)
+        self._exec(cur, f"UPDATE api_keys SET {col}reserved = reserved - ? WHERE id = ?", params)
+        return n
+
+    def commit(self, rid: str, *, log_row: dict[str, Any]) -> bool:
+        """Count a reservation's rows as used and log the query, in one transaction.
+
+        Returns ``False`` when the reservation had already expired (its rows were released; the caller
+        must not answer).
+        """
+        with self._tx() as cur:
+            n = self._finish(cur, rid, used=True)
+            if n is not None:
+                self._log(cur, {**log_row, "rows": n})
+        return n is not None
+
+    def release(self, rid: str, *, log_row: dict[str, Any] | None = None) -> None:
+        """Give a reservation's rows back (the model failed; nothing was answered)."""
+        with self._tx() as cur:
+            self._finish(cur, rid, used=False)
+            if log_row is not None:
+                self._log(cur, log_row)
+
+    def expire_reservations(self, *, now: float | None = None) -> int:
+        """Release every reservation past its timeout (left by a killed server); returns how many."""
+        now = time.time() if now is None else now
+        done = 0
+        rows = self._query("SELECT id FROM reservations WHERE expires < ?", (now,))
+        for (rid,) in rows:
+            with self._tx() as cur:
+                if self._finish(cur, rid, used=False) is not None:
+                    done += 1
+        if done:
+            log.warning("released %d reservation(s) left past their timeout", done)
+        return done
+
+    # ------------------------------------------------------------------ PoW double-spend
+    def spend(self, challenge_id: str, *, expires: float, now: float) -> bool:
+        """:class:`misleader.pow.puzzle.SpentStore`: mark a challenge spent; ``False`` on a replay."""
+        with self._tx() as cur:
+            self._exec(cur, "DELETE FROM spent WHERE expires < ?", (now,))
+            self._exec(cur, "SELECT 1 FROM spent WHERE id = ?", (challenge_id,))
+            if cur.fetchone() is not None:
+                return False
+            self._exec(cur, "INSERT INTO spent (id, expires) VALUES (?, ?)", (challenge_id, expires))
+        return True
+
+    # ------------------------------------------------------------------ query log
+    _LOG_COLS = ("key_id", "ts", "rows_n", "batch_sha256", "output", "pow_bits", "detector_score", "latency_ms",
+                 "status", "reason")
+
+    def _log(self, cur: Any, row: dict[str, Any]) -> None:
+        values = (row.get("key_id"), float(row.get("ts", time.time())), int(row.get("rows", 0)),
+                  row.get("batch_sha256"), row.get("output"), row.get("pow_bits"), row.get("detector_score"),
+                  row.get("latency_ms"), int(row["status"]), row.get("reason"))
+        self._exec(cur, f"INSERT INTO queries ({', '.join(self._LOG_COLS)}) VALUES "
+                        f"({', '.join('?' * len(values))})", values)
+
+    def log_query(self, row: dict[str, Any]) -> None:
+        """Log a request that reserved nothing (refused, challenged, malformed)."""
+        with self._tx() as cur:
+            self._log(cur, row)
+
+    def last_queries(self, n: int = 20) -> list[dict[str, Any]]:
+        cols = ("id",) + self._LOG_COLS
+        rows = self._query(f"SELECT {', '.join(cols)} FROM queries ORDER BY id DESC LIMIT ?", (int(n),))
+        return [dict(zip(cols, r)) for r in rows]
+
+    def logged_rows(self, key_id: str) -> int:
+        """Sum of rows of the key's answered (status 200) queries in the log."""
+        rows = self._query("SELECT COALESCE(SUM(rows_n), 0) FROM queries WHERE key_id = ? AND status = 200",
+                           (key_id,))
+        return int(rows[0][0])
+
+    def pending_reservations(self) -> int:
+        return int(self._query("SELECT COUNT(*) FROM reservations")[0][0])
+
+
+def default_db(folder: str | Path) -> str:
+    """The SQLite file used when ``--db`` is not given: ``gateway.sqlite3`` beside the served folder."""
+    folder = Path(folder).resolve()
+    return str(folder.parent / f"{folder.name}.gateway.sqlite3")
+
+
+__all__ = ["BudgetExceeded", "KeyRecord", "RESERVATION_TIMEOUT", "SCHEMA_VERSION", "Store", "default_db"]
