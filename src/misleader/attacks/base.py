@@ -92,14 +92,30 @@ class Attack(ABC):
     default_pool: ClassVar[str] = "attacker"
     #: named settings (frozen config dataclasses); empty for attacks without presets
     presets: ClassVar[dict[str, Any]] = {}
+    #: ``(small, large)``: the presets :meth:`choose_preset` picks by target scale (``None``: the first preset)
+    scale_presets: ClassVar[tuple[str, str] | None] = None
     #: option -> item cast for tuple options given as lists (YAML)
     option_casts: ClassVar[dict[str, Callable[[Any], Any]]] = {}
 
     @classmethod
     def choose_preset(cls, target_meta: dict[str, Any]) -> str:
         """The preset ``preset="auto"`` resolves to for a target (``target_meta``: public keys only,
-        empty when unknown). Override per attack; the default is the first preset."""
-        return next(iter(cls.presets))
+        empty when unknown): with :attr:`scale_presets` = ``(small, large)``, ``small`` for a 1-channel
+        target of at most 32x32 pixels (the MNIST family) and ``large`` otherwise (also when unknown);
+        without it, the first preset.
+
+        Example:
+            >>> class A(Attack):
+            ...     presets, scale_presets = {"paper": None, "small": None}, ("small", "paper")
+            ...     def run(self, *a, **k): ...
+            >>> A.choose_preset({"input_shape": [1, 28, 28]}), A.choose_preset({"input_shape": [3, 32, 32]})
+            ('small', 'paper')
+        """
+        if cls.scale_presets is None:
+            return next(iter(cls.presets))
+        shape = target_meta.get("input_shape")
+        small = shape is not None and len(shape) == 3 and int(shape[0]) == 1 and max(int(s) for s in shape[1:]) <= 32
+        return cls.scale_presets[0] if small else cls.scale_presets[1]
 
     def _configure(self, preset: str, overrides: dict[str, Any]) -> Any:
         """Apply ``presets[preset]`` (``"auto"``: :meth:`choose_preset` of the target known so far) with

@@ -420,18 +420,11 @@ class DFME(Attack):
 
     requires = frozenset({"probs"})
     presets = PRESETS
+    scale_presets = ("small", "paper")  # 1-channel <= 32x32 targets: small
     option_casts = {"milestones": float}
 
     def __init__(self, *, preset: str = "auto", **overrides: Any) -> None:
         self._configure(preset, overrides)
-
-    @classmethod
-    def choose_preset(cls, target_meta: dict[str, Any]) -> str:
-        """``small`` for a 1-channel target of at most 32x32 pixels, else ``paper`` (also when unknown)."""
-        shape = target_meta.get("input_shape")
-        if shape is not None and len(shape) == 3 and int(shape[0]) == 1 and max(int(s) for s in shape[1:]) <= 32:
-            return "small"
-        return "paper"
 
     @classmethod
     def tiny_options(cls) -> dict[str, Any]:

@@ -274,16 +274,11 @@ class DFMSHL(Attack):
     requires = frozenset({"labels"})
     needs_pool = True
     presets = PRESETS
+    scale_presets = ("small", "paper")  # 1-channel <= 32x32 targets: small
     option_casts = {"proxy_classes": int, "ema_taus": float}
 
     def __init__(self, *, preset: str = "auto", **overrides: Any) -> None:
         self._configure(preset, overrides)
-
-    @classmethod
-    def choose_preset(cls, target_meta: dict[str, Any]) -> str:
-        """``small`` for a 1-channel target (MNIST family), else ``paper`` (also when unknown)."""
-        shape = target_meta.get("input_shape")
-        return "small" if shape is not None and len(shape) == 3 and int(shape[0]) == 1 else "paper"
 
     @classmethod
     def tiny_options(cls) -> dict[str, Any]:

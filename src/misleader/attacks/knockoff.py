@@ -192,15 +192,10 @@ class KnockoffNets(Attack):
 
     needs_pool = True
     presets = PRESETS
+    scale_presets = ("fast", "sgd20")  # 1-channel <= 32x32 targets: fast
 
     def __init__(self, *, preset: str = "auto", **overrides: Any) -> None:
         self._configure(preset, overrides)
-
-    @classmethod
-    def choose_preset(cls, target_meta: dict[str, Any]) -> str:
-        """``fast`` for a 1-channel target (MNIST family), else ``sgd20`` (also when unknown)."""
-        shape = target_meta.get("input_shape")
-        return "fast" if shape is not None and len(shape) == 3 and int(shape[0]) == 1 else "sgd20"
 
     @classmethod
     def tiny_options(cls) -> dict[str, Any]:
