@@ -47,3 +47,16 @@ def test_plain_extreme_objective_picks_the_least_likely_class() -> None:
     """With ``plain``, ||G^T (e_k - y)||^2 = ||e_k - y||^2 ||h||^2: the extreme oracle picks argmin y (note 1b)."""
     y, fast, _ = _both(10, 16, oracle="extreme", objective="plain", epsilon=2.0)
     assert torch.equal(fast.argmax(dim=1), y.argmin(dim=1))
+
+
+@pytest.mark.parametrize("objective", ["angular", "plain"])
+def test_batched_equals_reference_on_confident_answers(objective: str) -> None:
+    """Peaked answers (non-top classes ~1e-9 apart) are where a sloppy objective would pick another class."""
+    model = tiny_net(5)
+    x, y = random_x(16, seed=4).double(), random_probs(16, seed=6, temperature=12.0).double()
+    with torch.no_grad():
+        p_s, h = surrogate_features(model, x)
+    for oracle in ("extreme", "argmax"):
+        fast = mad_batched(y, p_s, h, epsilon=0.5, oracle=oracle, objective=objective)
+        slow = mad_reference(model, x, y, epsilon=0.5, oracle=oracle, objective=objective)
+        assert (fast - slow).abs().max() < 1e-5
