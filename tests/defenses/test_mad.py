@@ -25,7 +25,7 @@ def test_batched_equals_reference(oracle: str, objective: str) -> None:
     y, fast, slow = _both(10, 24, oracle=oracle, objective=objective, epsilon=0.7)
     assert (fast - slow).abs().max() < 1e-5
     l1 = (fast - y).abs().sum(dim=1)
-    assert torch.all(l1 <= 0.7 + 1e-9)
+    assert torch.all(l1 <= 0.7 + 1e-6)  # float32 input rows are renormalised in float64 (~1e-7)
     assert torch.allclose(fast.sum(dim=1), torch.ones(len(y), dtype=fast.dtype)) and fast.min() >= 0
     if oracle == "argmax":
         assert torch.equal(fast.argmax(dim=1), y.argmax(dim=1))
@@ -40,10 +40,23 @@ def test_greedy_oracle_above_ten_classes_equals_reference() -> None:
 def test_line_search_spends_the_whole_budget_when_the_target_is_far() -> None:
     y, fast, _ = _both(10, 8, oracle="extreme", objective="angular", epsilon=0.3)
     l1 = (fast - y).abs().sum(dim=1)
-    assert torch.allclose(l1, torch.full_like(l1, 0.3), atol=1e-9)  # one-hot targets are > 0.3 away here
+    assert torch.allclose(l1, torch.full_like(l1, 0.3), atol=1e-6)  # one-hot targets are > 0.3 away here
 
 
 def test_plain_extreme_objective_picks_the_least_likely_class() -> None:
     """With ``plain``, ||G^T (e_k - y)||^2 = ||e_k - y||^2 ||h||^2: the extreme oracle picks argmin y (note 1b)."""
     y, fast, _ = _both(10, 16, oracle="extreme", objective="plain", epsilon=2.0)
     assert torch.equal(fast.argmax(dim=1), y.argmin(dim=1))
+
+
+@pytest.mark.parametrize("objective", ["angular", "plain"])
+def test_batched_equals_reference_on_confident_answers(objective: str) -> None:
+    """Peaked answers (non-top classes ~1e-9 apart) are where a sloppy objective would pick another class."""
+    model = tiny_net(5)
+    x, y = random_x(16, seed=4).double(), random_probs(16, seed=6, temperature=12.0).double()
+    with torch.no_grad():
+        p_s, h = surrogate_features(model, x)
+    for oracle in ("extreme", "argmax"):
+        fast = mad_batched(y, p_s, h, epsilon=0.5, oracle=oracle, objective=objective)
+        slow = mad_reference(model, x, y, epsilon=0.5, oracle=oracle, objective=objective)
+        assert (fast - slow).abs().max() < 1e-5

@@ -105,6 +105,25 @@ def top_first(y: torch.Tensor) -> torch.Tensor:
     return torch.cat([top, others[others != top].view(b, k - 1)], dim=1)
 
 
+def as_simplex(y: torch.Tensor) -> torch.Tensor:
+    """``y`` (B, K) in float64, renormalised: the closed form needs ``sum(y) = 1`` exactly (float32 rows are off
+    by ~1e-7, which shifts ``G^T y`` by ``(sum(y) - 1) p_s (x) h`` and can reorder near-tied candidates)."""
+    y = y.double().clamp_min(0)
+    return y / y.sum(dim=1, keepdim=True)
+
+
+def first_best(scores: torch.Tensor, *, rtol: float = 1e-12) -> torch.Tensor:
+    """(B,) index of the first candidate whose score (B, M) is within ``rtol`` of the row's best.
+
+    Candidates tied to within rounding (e.g. the ``plain`` objective on a confident answer whose other
+    classes all hold ~1e-20) are broken by candidate order, not by rounding noise, so the closed form and
+    the autograd reference choose the same one.
+    """
+    best = scores.max(dim=1, keepdim=True).values
+    near = scores >= best - rtol * best.abs()
+    return near.to(torch.uint8).argmax(dim=1)
+
+
 def oracle_target(y: torch.Tensor, make_score: ScoreFactory, *, oracle: str, max_evals: int = 1024) -> torch.Tensor:
     """The target ``y*`` (B, K) of each row: the candidate with the highest objective (ties: the first).
 
@@ -121,7 +140,7 @@ def oracle_target(y: torch.Tensor, make_score: ScoreFactory, *, oracle: str, max
         perm, cands = top_first(y), argmax_candidates(k).to(y.device)
     else:
         return _greedy_target(y, make_score(None), max_evals=max_evals)
-    chosen = cands[make_score(perm)(cands).argmax(dim=1)]  # (B, K)
+    chosen = cands[first_best(make_score(perm)(cands))]  # (B, K)
     return chosen if perm is None else torch.zeros_like(y).scatter(1, perm, chosen)
 
 
@@ -141,7 +160,7 @@ def _greedy_target(y: torch.Tensor, score: Score, *, max_evals: int) -> torch.Te
         valid = ~mask  # adding a class already in the set is not a move
         s = score(_uniform_on(grown, top=top)).masked_fill(~valid, float("-inf"))
         evals += k
-        j = s.argmax(dim=1)
+        j = first_best(s)
         has_move = valid.any(dim=1)
         mask = torch.where(has_move[:, None], grown[rows, j], mask)
         s_best = s[rows, j]
@@ -197,7 +216,7 @@ def closed_form_score(p_s: torch.Tensor, h: torch.Tensor, y: torch.Tensor, *, ob
 def mad_batched(y: torch.Tensor, p_s: torch.Tensor, h: torch.Tensor, *, epsilon: float, oracle: str,
                 objective: str, max_evals: int = 1024) -> torch.Tensor:
     """MAD's answer (B, K) float64 for answers ``y`` (B, K), surrogate softmax ``p_s`` (B, K), features ``h`` (B, F)."""
-    y, p_s, h = y.double(), p_s.double(), h.double()
+    y, p_s, h = as_simplex(y), p_s.double(), h.double()
     target = oracle_target(y, closed_form_score(p_s, h, y, objective=objective), oracle=oracle, max_evals=max_evals)
     return line_search(y, target, epsilon=epsilon)
 
@@ -220,7 +239,7 @@ def mad_reference(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epsilon
     out = []
     for i in range(len(x)):
         g = jacobian_last_layer(model, x[i : i + 1])  # (K, D)
-        yi = y[i : i + 1].double()
+        yi = as_simplex(y[i : i + 1])
 
         def make(perm: torch.Tensor | None, g: torch.Tensor = g, yi: torch.Tensor = yi) -> Score:
             gp = g if perm is None else g[perm[0]]
