@@ -17,7 +17,7 @@ import yaml
 from misleader.experiments.runner import run_experiment
 from misleader.experiments.spec import expand, parse_spec
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 TINY = {
     "name": "tiny",

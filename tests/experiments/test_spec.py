@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from misleader.errors import MisleaderError
 from misleader.experiments.spec import expand, load_spec, parse_budget, parse_spec
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 PRESETS = sorted((REPO / "experiments").glob("*.yaml"))
 
 

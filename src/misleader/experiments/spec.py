@@ -302,6 +302,18 @@ def _fail(where: str, msg: str) -> MisleaderError:
     return MisleaderError(f"{where}: {msg}")
 
 
+
+def _registered_name(entry: dict[str, Any], where: str, *, known: list[str], kind: str) -> str:
+    """``entry["name"]``, checked against the registry's ``known`` names (one-line error with a hint)."""
+    if "name" not in entry:
+        raise _fail(where, f"missing required key 'name' (one of {', '.join(known)})")
+    name = _str(entry["name"], f"{where}.name")
+    if name not in known:
+        close = difflib.get_close_matches(name, known, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise _fail(f"{where}.name", f"unknown {kind} {name!r}{hint}; choose one of {', '.join(known)}")
+    return name
+
 def _check_keys(obj: Mapping[str, Any], allowed: Iterable[str], where: str) -> None:
     allowed = sorted(allowed)
     for key in obj:
@@ -588,14 +600,7 @@ def parse_spec(obj: Any, *, source: str = "spec") -> ExperimentSpec:
     for i, d in enumerate(_list(top["defenses"], f"{source}: defenses", allow_scalar=False)):
         w = f"{source}: defenses[{i}]"
         d = {"name": d} if isinstance(d, str) else _mapping(d, w)
-        known_defenses = _known_defenses()
-        if "name" not in d:
-            raise _fail(w, f"missing required key 'name' (one of {', '.join(known_defenses)})")
-        dname = _str(d["name"], f"{w}.name")
-        if dname not in known_defenses:
-            close = difflib.get_close_matches(dname, known_defenses, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise _fail(f"{w}.name", f"unknown defense {dname!r}{hint}; choose one of {', '.join(known_defenses)}")
+        dname = _registered_name(d, w, known=_known_defenses(), kind="defense")
         settings = {} if dname == UNDEFENDED else _defense_settings(dname, d, w)
         if dname == UNDEFENDED:
             _check_keys(d, {"name", "label"}, w)
@@ -616,13 +621,7 @@ def parse_spec(obj: Any, *, source: str = "spec") -> ExperimentSpec:
         w = f"{source}: attacks[{i}]"
         a = {"name": a} if isinstance(a, str) else _mapping(a, w)
         _check_keys(a, _ATTACK_KEYS, w)
-        if "name" not in a:
-            raise _fail(w, f"missing required key 'name' (one of {', '.join(known)})")
-        aname = _str(a["name"], f"{w}.name")
-        if aname not in known:
-            close = difflib.get_close_matches(aname, known, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise _fail(f"{w}.name", f"unknown attack {aname!r}{hint}; choose one of {', '.join(known)}")
+        aname = _registered_name(a, w, known=known, kind="attack")
         attack_cls = attack_registry.get(aname)
         usable = [m for m in LABEL_MODES if LABEL_OUTPUTS[m] in attack_cls.requires]
         labels = a.get("labels", "soft" if "soft" in usable else usable[0])
