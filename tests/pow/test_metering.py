@@ -91,4 +91,11 @@ def test_cli_meter_calibrate_honest_stream(tiny_victim, tmp_path, capsys) -> Non
                  "--queries", "64", "--clone-epochs", "1", "--clone-arch", "lenet5_fifth", "--device", "cpu"]) == 0
     s = json.loads((tmp_path / "s" / "result.json").read_text())
     assert s["pow"]["queries"] == 64 and 0 <= s["clone_accuracy"] <= 1
+    # any attack through the harness, metered: the meter saw exactly the rows the oracle answered
+    assert main(["-q", "attack", "knockoff", "--target", str(tiny_victim), "--budget", "150", "--clone-arch",
+                 "lenet5_fifth", "-o", "epochs=1", "--pow", str(p), "--out", str(tmp_path / "a"),
+                 "--device", "cpu"]) == 0
+    a = json.loads((tmp_path / "a" / "result.json").read_text())
+    assert a["queries_used"] == a["pow"]["queries"] == 150
+    assert a["pow"]["overhead_ratio"] >= 1.0 and a["pow"]["raw_seconds"] > 0
     capsys.readouterr()

@@ -83,6 +83,7 @@ def run_attack(
     force: bool = False,
     api_key: str | None = None,
     referee_key: str | None = None,
+    pow: str | Path | None = None,
 ) -> dict:
     """Attack ``target`` with ``name`` and write the attack folder ``out``.
 
@@ -105,6 +106,9 @@ def run_attack(
         api_key: with ``target`` a gateway URL (``http://HOST:PORT``): the attacker's key.
         referee_key: with a URL target: a second key (outside the attacker's budget) through which the
             harness measures the target's test-set answers.
+        pow: a proof-of-work calibration folder (``misleader pow calibrate``): every answered batch is
+            metered, and ``result.json`` gains a ``pow`` block (cumulative cost, the puzzle seconds an
+            attacker of this machine's hash rate would have spent, raw query seconds, overhead ratio).
 
     Returns:
         The ``result.json`` dict.
@@ -155,7 +159,8 @@ def run_attack(
         raise MisleaderError(f"{target}: the folder's metadata names no dataset; re-create it with train-victim/defend")
     settings = {"attack": name, "target": target_id, "target_sha256": target_digest,
                 "budget": int(budget), "clone_arch": clone_arch, "labels": labels, "pool": pool,
-                "options": options or {}, "seed": int(seed), "eval_every": eval_every}
+                "options": options or {}, "seed": int(seed), "eval_every": eval_every,
+                **({"pow": str(Path(pow).resolve())} if pow is not None else {})}
     if out.is_dir() and any(out.iterdir()):  # an earlier run (or a foreign folder): decide before any work
         if claim_out_dir(out, settings, force=force, command="misleader attack") and (out / "result.json").exists():
             log.info("%s already holds this finished attack; pass --force to run again", out)
@@ -211,6 +216,20 @@ def run_attack(
         oracle, accountant = open_accounted(target, output=output, budget=budget, device=dev)
     bar = progress(total=budget, desc=f"{name} queries", unit="q")
     accountant.on_query = bar.update
+    meter, raw_seconds = None, [0.0]
+    if pow is not None:
+        if remote:
+            raise MisleaderError("--pow meters an in-process target; a server applies its own proof-of-work "
+                                 "(misleader serve --pow)")
+        from misleader.pow.metering import PowMeter
+
+        meter = PowMeter.from_folder(pow, device=dev)
+
+        def on_answer(x: torch.Tensor, probs: torch.Tensor, seconds: float) -> None:
+            meter.observe(x, probs)
+            raw_seconds[0] += seconds
+
+        accountant.on_answer = on_answer
     log.info("attack %s on %s (%s, %s labels), budget %d, clone %s", name, target, meta["kind"], labels, budget,
              clone_arch)
     cpu0 = time.process_time()
@@ -272,6 +291,10 @@ def run_attack(
             res["victim_test_accuracy"] = float(vacc)
     if remote:  # what the attacker paid the server in proof-of-work (0 without --pow)
         res["pow_seconds"], res["pow_bits"] = oracle.pow_seconds, oracle.pow_bits
+    if meter is not None:
+        if meter.queries != accountant.used:
+            raise RuntimeError(f"the proof-of-work meter saw {meter.queries} rows, the oracle answered {accountant.used}")
+        res["pow"] = meter.summary(raw_seconds[0])
     res["environment"] = environment()
     write_json(out / "result.json", res)
     log.info("%s: clone accuracy %.4f (best %.4f), fidelity %.4f, %d queries, %.1fs", name,

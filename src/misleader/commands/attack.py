@@ -43,6 +43,9 @@ def add_parser(sub) -> None:  # noqa: ANN001
     p.add_argument("--api-key", default=None, help="with a server target: the attacker's API key")
     p.add_argument("--referee-key", default=None,
                    help="with a server target: a second key the harness measures the target's test answers with")
+    p.add_argument("--pow", default=None, metavar="DIR",
+                   help="proof-of-work calibration folder (misleader pow calibrate): meter every query and add a "
+                        "`pow` block (puzzle seconds, overhead ratio) to result.json")
     p.add_argument("--budget", type=positive_int, required=True, help="query budget (rows answered by the oracle)")
     p.add_argument("--clone-arch", required=True, help="clone architecture, e.g. lenet5 (see `misleader models`)")
     p.add_argument("--out", required=True, help="output folder (checked writable before the attack runs)")
@@ -68,9 +71,9 @@ def run(args: argparse.Namespace) -> int:
                         out=args.out, data_dir=args.data_dir, seed=args.seed, device=args.device,
                         labels=args.labels, pool=args.pool, options=dict(args.option) or None,
                         eval_every=args.eval_every, force=args.force,
-                        api_key=args.api_key, referee_key=args.referee_key)
+                        api_key=args.api_key, referee_key=args.referee_key, pow=args.pow)
     keys = ("attack", "labels", "pool", "target_kind", "clone_accuracy", "clone_accuracy_best", "fidelity",
             "queries_used", "budget", "target_test_accuracy", "victim_test_accuracy", "seconds", "pow_seconds",
-            "pow_bits")
+            "pow_bits", "pow")
     print(json.dumps({k: result[k] for k in keys if k in result}, indent=2))
     return 0

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import numbers
 import threading
+import time
 from abc import ABC, abstractmethod
 from typing import Any, Callable, Literal, Sequence
 
@@ -67,6 +68,10 @@ class Accountant:
         self.__used = 0
         self.__lock = threading.Lock()
         self.on_query: Callable[[int], None] | None = None
+        #: optional hook ``fn(x (N, C, H, W), probs (N, K), seconds)`` after each answered batch: the rows,
+        #: the defender-side probabilities (also in labels mode) and the seconds the oracle spent on them
+        #: (proof-of-work metering, detectors)
+        self.on_answer: Callable[[torch.Tensor, torch.Tensor, float], None] | None = None
 
     @property
     def budget(self) -> int | None:
@@ -94,7 +99,11 @@ class Accountant:
         with self.__lock:
             self.__used -= n
 
-    def answered(self, n: int) -> None:
+    def answered(self, n: int, *, x: torch.Tensor | None = None, probs: torch.Tensor | None = None,
+                 seconds: float = 0.0) -> None:
+        """Called by the oracle after answering ``n`` rows (``x``/``probs`` for :attr:`on_answer`)."""
+        if self.on_answer is not None and x is not None and probs is not None:
+            self.on_answer(x, probs, seconds)
         if self.on_query is not None:
             self.on_query(n)
 
@@ -232,6 +241,7 @@ class Oracle(ABC):
         xp = plain_batch(x, self.__input_shape)
         n = int(xp.shape[0])
         self.__acct.reserve(n)
+        t0 = time.perf_counter()
         try:
             with torch.inference_mode():
                 probs = torch.cat([self._probs(chunk) for chunk in xp.split(self.__batch_size)])
@@ -241,7 +251,7 @@ class Oracle(ABC):
         except BaseException:
             self.__acct.refund(n)
             raise
-        self.__acct.answered(n)
+        self.__acct.answered(n, x=xp, probs=probs, seconds=time.perf_counter() - t0)
         return out
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
