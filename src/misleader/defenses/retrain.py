@@ -1,0 +1,214 @@
+"""What the training-time baselines (MeCo, ACT, DNF) share: victim and data loading, presets, synthetic OOD
+images, tensor files inside a defense folder, a small resumable epoch loop, and the extra result fields.
+
+The epoch loop :func:`fit` takes a task with the same four methods as ``misleader.training.loop.FitTask``
+(``run_epoch``, ``snapshot``, ``state_dict``, ``load_state_dict``) and the same keyword arguments as
+``misleader.training.loop.fit``, so that it can be replaced by that one loop once both are on one branch
+(it is kept local here because that loop lives on another branch). The resume state is written with
+:func:`misleader.training.checkpoint.save_resume_state` after every epoch and refused when it was written
+with other settings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Protocol, TypeVar
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+from torch import nn
+
+from misleader.errors import MisleaderError
+from misleader.utils import atomic_write_bytes, progress, write_json
+
+log = logging.getLogger(__name__)
+S = TypeVar("S")
+
+
+# --------------------------------------------------------------------------- victim, data, presets
+
+@dataclass
+class VictimData:
+    """The victim model and the splits a defender may train on (uint8 images, int64 labels)."""
+
+    model: nn.Module
+    meta: dict[str, Any]
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_val: torch.Tensor
+    y_val: torch.Tensor
+
+
+def load_victim_data(victim: str | Path, *, data_dir: str | Path | None, device: torch.device) -> VictimData:
+    """The victim (eval mode, on ``device``) and its dataset's defender train / validation splits."""
+    from misleader.defenses.folder import _victim_ref
+    from misleader.training.checkpoint import load_model
+    from misleader.training.victim import load_target_data
+
+    meta = _victim_ref(Path(victim))
+    model, side = load_model(Path(victim), device=device, expect_sha256=meta.get("sha256"))
+    data, s = load_target_data(side, data_dir=data_dir)
+    return VictimData(model=model.eval(), meta=side, x_train=data.x_train[s.train], y_train=data.y_train[s.train],
+                      x_val=data.x_train[s.val], y_val=data.y_train[s.val])
+
+
+def resolve_preset(presets: Mapping[str, S], *, preset: str | None, in_channels: int,
+                   overrides: Mapping[str, Any], what: str) -> tuple[str, S]:
+    """The named preset (default: ``mnist-cpu`` for 1-channel victims, ``cifar10-paper`` otherwise) with the
+    non-``None`` ``overrides`` applied; unknown names and keys are one-line errors."""
+    name = preset or ("mnist-cpu" if in_channels == 1 else "cifar10-paper")
+    if name not in presets:
+        raise MisleaderError(f"unknown {what} preset {name!r}: choose one of {', '.join(presets)}")
+    base = presets[name]
+    known = {f.name for f in dataclasses.fields(base)}  # type: ignore[arg-type]
+    bad = sorted(set(overrides) - known)
+    if bad:
+        raise MisleaderError(f"{what}: unknown setting(s) {', '.join(bad)}; known: {', '.join(sorted(known))}")
+    return name, dataclasses.replace(base, **{k: v for k, v in overrides.items() if v is not None})  # type: ignore
+
+
+def settings_dict(settings: Any) -> dict[str, Any]:
+    """A preset dataclass as a JSON-ready dict (tuples become lists)."""
+    return json.loads(json.dumps(dataclasses.asdict(settings)))
+
+
+# --------------------------------------------------------------------------- synthetic OOD images
+
+def ood_images(n: int, *, shape: tuple[int, ...], generator: torch.Generator, device: torch.device,
+               ngf: int = 64, nz: int = 256, batch_size: int = 128, noise: float = 1.0) -> torch.Tensor:
+    """``n`` images in [0, 1] (n, C, H, W) from an *untrained* DFME generator (``GeneratorA``, train mode,
+    output clamped to [-1, 1]) whose parameters get N(0, ``noise``^2) noise after each batch (ACT's OOD data)."""
+    from misleader.models import GeneratorA, tanh_to_unit
+    from misleader.utils import forked_rng
+
+    c, h, _ = shape
+    with forked_rng(generator, device):
+        g = GeneratorA(nz=nz, ngf=ngf, img_size=h, nc=c).to(device).train()
+    out = []
+    with torch.no_grad():
+        for start in range(0, n, batch_size):
+            m = min(batch_size, n - start)
+            z = torch.randn(m, nz, generator=generator).to(device)
+            out.append(tanh_to_unit(g(z).clamp(-1, 1)).cpu())
+            for p in g.parameters():
+                p.add_(torch.randn(p.shape, generator=generator).to(device) * noise)
+    return torch.cat(out)
+
+
+# --------------------------------------------------------------------------- tensor files in a defense folder
+
+def save_tensors(module: nn.Module, *, out: Path, rel: str) -> dict[str, str]:
+    """Write ``module``'s state dict to ``out/rel`` (safetensors, atomic); return ``{"file", "sha256"}``."""
+    blob = st_save({k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()})
+    atomic_write_bytes(out / rel, blob)
+    return {"file": rel, "sha256": hashlib.sha256(blob).hexdigest()}
+
+
+def load_tensors(module: nn.Module, *, folder: Path, entry: Mapping[str, Any], where: str) -> None:
+    """Load ``entry["file"]`` (inside ``folder``, checked against ``entry["sha256"]``) into ``module``."""
+    from misleader.oracle.manifest import check_regular_file, inside
+
+    path = inside(Path(folder).resolve(), entry.get("file"), Path(folder) / "manifest.json", f"{where}: file")
+    sha = entry.get("sha256")
+    if not isinstance(sha, str) or not sha:
+        raise MisleaderError(f"{where}: 'sha256' of {path.name} is missing: re-create the folder")
+    blob = check_regular_file(path, what=f"{where} weights").read_bytes()
+    if hashlib.sha256(blob).hexdigest() != sha:
+        raise MisleaderError(f"{where}: {path} does not match its sha256 in the manifest (corrupted or replaced): "
+                             "re-create the folder")
+    try:
+        module.load_state_dict(st_load(blob))
+    except (SafetensorError, RuntimeError) as exc:
+        raise MisleaderError(f"{where}: {path} does not fit the step's settings ({str(exc)[:160]}): "
+                             "re-create the folder") from None
+
+
+# --------------------------------------------------------------------------- epoch loop
+
+class FitTask(Protocol):
+    """The trainer side of :func:`fit` (the same methods as ``misleader.training.loop.FitTask``)."""
+
+    def run_epoch(self, epoch: int, *, bar: Any) -> dict[str, Any]: ...
+
+    def snapshot(self) -> dict[str, Any]: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+@dataclass
+class FitResult:
+    best: dict[str, Any]
+    best_val_accuracy: float
+    best_epoch: int
+    history: list[dict[str, Any]] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def fit(task: FitTask, *, epochs: int, steps_per_epoch: int, resume_path: str | Path | None = None,
+        settings: dict[str, Any] | None = None, desc: str = "train", select_best: bool = True) -> FitResult:
+    """Run ``task`` for ``epochs`` epochs; keep the snapshot with the best ``val_accuracy`` (ties: the later;
+    ``select_best=False``: the last epoch's); resumable after every epoch from ``resume_path`` when it was
+    written with the same ``settings``."""
+    from misleader.training.checkpoint import load_resume_state, save_resume_state
+
+    start, history, seconds = 0, [], 0.0
+    best, best_acc, best_epoch = task.snapshot(), -1.0, 0
+    state = load_resume_state(resume_path) if resume_path is not None else None
+    if state is not None:
+        if json.dumps(state.get("settings"), sort_keys=True) != json.dumps(settings, sort_keys=True):
+            raise MisleaderError(f"resume state {resume_path} was written with other settings: pass --force to start "
+                                 "over, or re-run with the same settings")
+        task.load_state_dict(state["task"])
+        start, history, seconds = int(state["epoch"]), list(state["history"]), float(state["seconds"])
+        best, best_acc, best_epoch = state["best"], float(state["best_acc"]), int(state["best_epoch"])
+        log.info("resuming %s after epoch %d", desc, start)
+    bar = progress(total=epochs * steps_per_epoch, desc=desc, unit="step")
+    bar.update(start * steps_per_epoch)
+    for epoch in range(start, epochs):
+        t0 = time.perf_counter()
+        fields = task.run_epoch(epoch, bar=bar)
+        seconds += time.perf_counter() - t0
+        row = {"epoch": epoch + 1, **fields, "seconds": seconds}
+        history.append(row)
+        log.info("%s epoch %d/%d %s", desc, epoch + 1, epochs,
+                 " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in fields.items()))
+        if not select_best or float(row["val_accuracy"]) >= best_acc:
+            best, best_acc, best_epoch = task.snapshot(), float(row["val_accuracy"]), epoch + 1
+        if resume_path is not None:
+            save_resume_state(resume_path, {"settings": settings, "task": task.state_dict(), "epoch": epoch + 1,
+                                            "history": history, "seconds": seconds, "best": best,
+                                            "best_acc": best_acc, "best_epoch": best_epoch})
+    bar.close()
+    return FitResult(best=best, best_val_accuracy=best_acc, best_epoch=best_epoch, history=history, seconds=seconds)
+
+
+# --------------------------------------------------------------------------- result.json extras
+
+def finish_result(out: Path, result: dict[str, Any], *, extra: dict[str, Any], x_test: torch.Tensor,
+                  device: torch.device, stochastic: bool) -> dict[str, Any]:
+    """Add ``extra`` (training seconds, history ...) to ``result.json``; for a stochastic folder also
+    ``mean_l1_between_answers``: the mean L1 between two answers of the folder to the same test images."""
+    from misleader.metrics import mean_l1
+    from misleader.oracle.load import load_oracle
+    from misleader.training.evaluate import query_all
+
+    result = dict(result, **extra)
+    if stochastic:
+        oracle = load_oracle(out, device=device)
+        result["mean_l1_between_answers"] = mean_l1(query_all(oracle, x_test), query_all(oracle, x_test))
+    write_json(out / "result.json", result)
+    return result
+
+
+__all__ = ["FitResult", "FitTask", "VictimData", "finish_result", "fit", "load_tensors",
+           "load_victim_data", "ood_images", "resolve_preset", "save_tensors", "settings_dict"]

@@ -1,0 +1,57 @@
+"""MeCo: the per-batch random perturbation network (fresh per call, seeded, any batch size, per-sample
+filters), the SVGD inner step, and a MeCo folder answering batches of any size."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from misleader.defenses.perturbation import RandomPerturbation, draw_weights, perturbation_net
+from misleader.oracle.steps import StepContext
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _step(seed: int, **spec) -> RandomPerturbation:
+    ctx = StepContext(folder=Path("."), device=torch.device("cpu"), generator=torch.Generator().manual_seed(seed),
+                      num_classes=10, input_shape=(1, 32, 32), load_model=lambda name: None)
+    return RandomPerturbation.from_manifest({**RandomPerturbation.test_spec, **spec}, ctx=ctx)
+
+
+def test_perturbation_differs_between_calls_and_repeats_with_the_seed():
+    x = torch.rand(6, 1, 32, 32, generator=torch.Generator().manual_seed(1))
+    a, b = _step(0), _step(0)
+    first, second = a(x), a(x)
+    assert not torch.equal(first, second)  # a fresh network for every query batch
+    assert torch.equal(first, b(x)) and torch.equal(second, b(x))  # same seed, same sequence of answers
+    assert not torch.equal(first, _step(1)(x))
+    assert 0 < float((first - x).abs().mean()) < 1
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 64, 65])
+def test_perturbation_takes_any_batch_size(n):
+    x = torch.rand(n, 1, 32, 32)
+    y = _step(0)(x)
+    assert y.shape == x.shape and torch.isfinite(y).all()
+
+
+def test_each_sample_gets_its_own_filters():
+    """Row i of a batch equals the same row run alone with the i-th drawn network."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(3, 2, 16, 16, generator=g)
+    w = draw_weights(3, in_channels=2, hidden=2, generator=g)
+    eps = torch.tensor([0.3, 0.4, 0.5])
+    batch = perturbation_net(x, w, eps=eps, norm="instance")
+    for i in range(3):
+        alone = perturbation_net(x[i:i + 1], [(a[i:i + 1], b[i:i + 1]) for a, b in w], eps=eps[i:i + 1], norm="instance")
+        assert torch.allclose(batch[i:i + 1], alone, atol=1e-5)
+    same = perturbation_net(x[:1].expand(3, -1, -1, -1), w, eps=eps, norm="instance")
+    assert not torch.allclose(same[0], same[1])
