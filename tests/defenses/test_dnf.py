@@ -22,14 +22,6 @@ from misleader.oracle.pipeline import build_pipeline
 from misleader.utils import read_json
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def dnf_folder(tiny_victim, tmp_path_factory):
     out = tmp_path_factory.mktemp("dnf") / "d"

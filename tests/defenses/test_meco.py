@@ -8,16 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from misleader.defenses.meco import svgd_step
 from misleader.defenses.perturbation import RandomPerturbation, draw_weights, perturbation_net
 from misleader.oracle.steps import StepContext
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _step(seed: int, **spec) -> RandomPerturbation:
@@ -55,3 +48,30 @@ def test_each_sample_gets_its_own_filters():
         assert torch.allclose(batch[i:i + 1], alone, atol=1e-5)
     same = perturbation_net(x[:1].expand(3, -1, -1, -1), w, eps=eps, norm="instance")
     assert not torch.allclose(same[0], same[1])
+
+
+def test_svgd_step_with_a_near_diagonal_kernel_is_per_sample_gradient_ascent():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3))
+    x = torch.rand(4, 3, 2, 2)
+    y = torch.tensor([0, 1, 2, 0])
+    z = svgd_step(model, x=x, z=x, y=y, lr=0.5, gamma=0.2, bandwidth=1e-6)
+    zz = x.clone().requires_grad_(True)
+    g = torch.autograd.grad(torch.nn.functional.cross_entropy(model(zz), y, reduction="sum"), zz)[0]
+    assert torch.allclose(z, x + 0.5 / 4 * g, atol=1e-6)
+    flat = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3))
+    torch.nn.init.zeros_(flat[1].weight)  # no data gradient: only the kernel term moves the particles
+    moved = svgd_step(flat, x=x, z=x, y=y, lr=0.5, gamma=0.0, bandwidth=1.0)
+    assert torch.cdist(moved.flatten(1), moved.flatten(1)).sum() > torch.cdist(x.flatten(1), x.flatten(1)).sum()
+
+@pytest.mark.parametrize("sizes", [(1, 5, 33)])
+def test_meco_folder_answers_any_batch_size(tiny_victim, tmp_path, sizes):
+    from misleader import load_oracle
+    from misleader.defenses.meco import MECO, defend_meco
+
+    res = defend_meco(victim=tiny_victim, out=tmp_path / "m", device="cpu", **MECO.test_params)
+    assert res["train_seconds"] > 0 and 0 < res["mean_l1_between_answers"] <= 2
+    oracle = load_oracle(tmp_path / "m")
+    for n in sizes:
+        p = oracle.query(torch.rand(n, 1, 32, 32))
+        assert p.shape == (n, 10) and torch.allclose(p.sum(1), torch.ones(n), atol=1e-5)

@@ -102,6 +102,26 @@ def perturbation_net(x: torch.Tensor, weights: Sequence[tuple[torch.Tensor, torc
     return y
 
 
+def perturb(x: torch.Tensor, weights: Sequence[tuple[torch.Tensor, torch.Tensor]], *, eps: torch.Tensor | None,
+            scale: float, mean: torch.Tensor, std: torch.Tensor, norm: str) -> torch.Tensor:
+    """``x + scale * std * R((x - mean) / std)``: the reference's ``x_n + scale * R(x_n)`` in pixel units.
+
+    Shapes: x (N, C, H, W); mean, std (1, C, 1, 1).
+    """
+    return x + scale * std * perturbation_net((x - mean) / std, weights, eps=eps, norm=norm)
+
+
+def random_perturb(x: torch.Tensor, *, generator: torch.Generator, hidden: int, eps: tuple[float, float] | None,
+                   weight_noise: float, scale: float, mean: torch.Tensor, std: torch.Tensor,
+                   norm: str = "instance") -> torch.Tensor:
+    """:func:`perturb` with a freshly drawn random net per sample (and ``eps`` per sample) from ``generator``."""
+    w = [(a.to(x.device), b.to(x.device)) for a, b in draw_weights(len(x), in_channels=x.shape[1], hidden=hidden,
+                                                                   generator=generator, weight_noise=weight_noise)]
+    e = _draw_eps(len(x), eps, generator)
+    return perturb(x, w, eps=None if e is None else e.to(x.device), scale=scale, mean=mean.to(x.device),
+                   std=std.to(x.device), norm=norm)
+
+
 def _draw_eps(n: int, eps: tuple[float, float] | None, generator: torch.Generator) -> torch.Tensor | None:
     if eps is None:
         return None
@@ -139,8 +159,7 @@ class _PerturbSettings:
             raise MisleaderError(f"{where}: 'std' must be positive: fix the manifest")
 
     def apply(self, x: torch.Tensor, weights, eps: torch.Tensor | None) -> torch.Tensor:  # noqa: ANN001
-        xn = (x - self.mean) / self.std
-        return x + self.scale * self.std * perturbation_net(xn, weights, eps=eps, norm=self.norm)
+        return perturb(x, weights, eps=eps, scale=self.scale, mean=self.mean, std=self.std, norm=self.norm)
 
     def to_manifest(self) -> dict[str, Any]:
         return {"scale": self.scale, "eps": None if self.eps is None else list(self.eps), "norm": self.norm,
@@ -181,12 +200,9 @@ class RandomPerturbation(InputStep):
                    generator=ctx.generator)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        g = self.__generator
-        weights = draw_weights(len(x), in_channels=x.shape[1], hidden=self.hidden, generator=g,
-                               weight_noise=self.weight_noise)
-        weights = [(w.to(x.device), b.to(x.device)) for w, b in weights]
-        eps = _draw_eps(len(x), self.settings.eps, g)
-        return self.settings.apply(x, weights, None if eps is None else eps.to(x.device))
+        st = self.settings
+        return random_perturb(x, generator=self.__generator, hidden=self.hidden, eps=st.eps,
+                              weight_noise=self.weight_noise, scale=st.scale, mean=st.mean, std=st.std, norm=st.norm)
 
     def to_manifest(self) -> dict[str, Any]:
         return {"kind": "input", "type": self.type_name, **self.settings.to_manifest(), "hidden": self.hidden,
@@ -255,4 +271,5 @@ class TrainedWatermark(InputStep):
         return {"kind": "input", "type": self.type_name, **self.ref, **self.settings.to_manifest()}
 
 
-__all__ = ["NORMS", "RandomPerturbation", "TrainedWatermark", "WatermarkNet", "draw_weights", "perturbation_net"]
+__all__ = ["NORMS", "RandomPerturbation", "TrainedWatermark", "WatermarkNet", "draw_weights", "perturb",
+           "perturbation_net", "random_perturb"]

@@ -192,6 +192,95 @@ def fit(task: FitTask, *, epochs: int, steps_per_epoch: int, resume_path: str | 
     return FitResult(best=best, best_val_accuracy=best_acc, best_epoch=best_epoch, history=history, seconds=seconds)
 
 
+# --------------------------------------------------------------------------- supervised (re)training task
+
+class RetrainTask:
+    """A FitTask that trains ``modules`` with a defense's loss over the defender's training split.
+
+    Subclasses implement :meth:`loss`; the optimiser, schedule and augmentation come from a
+    :class:`misleader.training.train.Recipe` (one per-step schedule over the whole run). Each epoch ends with
+    the clean validation accuracy of ``modules["model"]`` (selection) and, when ``served`` is given, the
+    validation accuracy of ``served(x) -> logits`` (the model as it will answer, with its input step).
+    """
+
+    def __init__(self, *, modules: dict[str, nn.Module], data: VictimData, recipe: Any, epochs: int,
+                 device: torch.device, generator: torch.Generator, served: Any = None) -> None:
+        from misleader.data.loader import TensorLoader
+        from misleader.training.train import make_optimizer, make_scheduler
+
+        self.modules, self.data, self.recipe, self.device, self.g, self.served = modules, data, recipe, device, generator, served
+        self.loader = TensorLoader(data.x_train, data.y_train, batch_size=recipe.batch_size, shuffle=True,
+                                   generator=generator, device=device, drop_last=len(data.x_train) > recipe.batch_size)
+        self.opt = make_optimizer([p for m in modules.values() for p in m.parameters()], recipe)
+        self.sched = make_scheduler(self.opt, recipe, total_steps=epochs * len(self.loader))
+        self.steps = 0
+
+    def loss(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        """The training loss of one batch (x (B, C, H, W) in [0, 1], y (B,)) and fields to average in the log."""
+        raise NotImplementedError
+
+    def run_epoch(self, epoch: int, *, bar: Any) -> dict[str, Any]:
+        from misleader.training.train import crop_flip
+
+        for m in self.modules.values():
+            m.train()
+        sums: dict[str, float] = {}
+        n = 0
+        for xb, yb in self.loader:
+            if self.recipe.augment != "none":
+                xb = crop_flip(xb, padding=self.recipe.crop_padding, flip=self.recipe.augment == "crop_flip",
+                               generator=self.g)
+            loss, fields = self.loss(xb, yb)
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            self.opt.step()
+            self.sched.step()
+            self.steps += 1
+            for k, v in {"train_loss": float(loss.detach()), **fields}.items():
+                sums[k] = sums.get(k, 0.0) + v
+            n += 1
+            bar.update(1)
+        for m in self.modules.values():
+            m.eval()
+        row: dict[str, Any] = {k: v / max(n, 1) for k, v in sums.items()}
+        row["val_accuracy"] = self._val(self.modules["model"])
+        if self.served is not None:
+            row["val_accuracy_served"] = self._val(self.served)
+        row["lr"] = self.opt.param_groups[0]["lr"]
+        return row
+
+    @torch.no_grad()
+    def _val(self, f: Any) -> float:
+        from misleader.data.loader import to_unit
+
+        hits = sum(int((f(to_unit(c).to(self.device)).argmax(1).cpu() == yc).sum())
+                   for c, yc in zip(self.data.x_val.split(1024), self.data.y_val.split(1024)))
+        return hits / len(self.data.y_val)
+
+    def snapshot(self) -> dict[str, Any]:
+        return {k: {n: v.detach().cpu().clone() for n, v in m.state_dict().items()} for k, m in self.modules.items()}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"modules": self.snapshot(), "opt": self.opt.state_dict(), "sched": self.sched.state_dict(),
+                "gen": self.g.get_state(), "steps": self.steps}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for k, m in self.modules.items():
+            m.load_state_dict(state["modules"][k])
+        self.opt.load_state_dict(state["opt"])
+        self.sched.load_state_dict(state["sched"])
+        self.g.set_state(state["gen"])
+        self.steps = int(state["steps"])
+
+
+def model_stats(meta: dict[str, Any], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The victim's input normalisation as (1, C, 1, 1) tensors (mean, std)."""
+    c = int(meta["input_shape"][0])
+    mean = torch.tensor([float(v) for v in meta.get("mean", [0.0] * c)]).view(1, c, 1, 1).to(device)
+    std = torch.tensor([float(v) for v in meta.get("std", [1.0] * c)]).view(1, c, 1, 1).to(device)
+    return mean, std
+
+
 # --------------------------------------------------------------------------- result.json extras
 
 def finish_result(out: Path, result: dict[str, Any], *, extra: dict[str, Any], x_test: torch.Tensor,
@@ -210,5 +299,5 @@ def finish_result(out: Path, result: dict[str, Any], *, extra: dict[str, Any], x
     return result
 
 
-__all__ = ["FitResult", "FitTask", "VictimData", "finish_result", "fit", "load_tensors",
+__all__ = ["FitResult", "FitTask", "RetrainTask", "VictimData", "model_stats", "finish_result", "fit", "load_tensors",
            "load_victim_data", "ood_images", "resolve_preset", "save_tensors", "settings_dict"]
