@@ -62,7 +62,9 @@ from misleader.defenses.retrain import (
     fit,
     load_victim_data,
     model_stats,
+    recipe_of,
     resolve_preset,
+    served_logits,
     settings_dict,
 )
 from misleader.errors import MisleaderError
@@ -151,25 +153,6 @@ def serve_step(s: MeCoSettings, meta: dict[str, Any]) -> dict[str, Any]:
     return {"kind": "input", "type": "random_perturbation", "scale": s.serve_scale if s.serve_scale is not None else s.scale,
             "hidden": s.hidden, "eps": None if s.serve_eps is None else list(s.serve_eps),
             "weight_noise": s.serve_weight_noise, "norm": "instance", "mean": meta.get("mean"), "std": meta.get("std")}
-
-
-def recipe_of(s: Any) -> Any:
-    """The :class:`misleader.training.train.Recipe` of a settings dataclass with the recipe's fields."""
-    from misleader.training.train import Recipe
-
-    return Recipe(optimizer=s.optimizer, lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay,
-                  batch_size=s.batch_size, schedule=s.schedule, milestones=tuple(s.milestones), augment=s.augment)
-
-
-def served_logits(model: torch.nn.Module, step: dict[str, Any], *, generator: torch.Generator,
-                  mean: torch.Tensor, std: torch.Tensor) -> Any:
-    """``x -> model(x')`` with ``x'`` from the ``random_perturbation`` entry ``step`` (validation only)."""
-    eps = None if step["eps"] is None else tuple(step["eps"])
-
-    def f(x: torch.Tensor) -> torch.Tensor:
-        return model(random_perturb(x, generator=generator, hidden=step["hidden"], eps=eps,
-                                    weight_noise=step["weight_noise"], scale=step["scale"], mean=mean, std=std))
-    return f
 
 
 def defend_meco(*, victim: str | Path, base: str | Path | None = None, out: str | Path,
@@ -268,6 +251,6 @@ MECO = register_defense(DefenseSpec(
                 "per-sample random perturbation network (after an SVGD distributionally robust inner step) and a "
                 "logit-consistency term; serves x + scale * R(x) with R drawn afresh for every query batch.\n\n"
                 "example: misleader defend meco --victim runs/v_mnist --out runs/d_meco",
-    test_params={"epochs": 1, "batch_size": 64}))
+    test_params={"epochs": 1, "batch_size": 128}))
 
 __all__ = ["MECO", "MeCoSettings", "PRESETS", "defend_meco", "svgd_step"]

@@ -281,6 +281,27 @@ def model_stats(meta: dict[str, Any], device: torch.device) -> tuple[torch.Tenso
     return mean, std
 
 
+def recipe_of(s: Any) -> Any:
+    """The :class:`misleader.training.train.Recipe` of a settings dataclass with the recipe's fields."""
+    from misleader.training.train import Recipe
+
+    return Recipe(optimizer=s.optimizer, lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay,
+                  batch_size=s.batch_size, schedule=s.schedule, milestones=tuple(s.milestones), augment=s.augment)
+
+
+def served_logits(model: torch.nn.Module, step: dict[str, Any], *, generator: torch.Generator,
+                  mean: torch.Tensor, std: torch.Tensor) -> Any:
+    """``x -> model(x')`` with ``x'`` from the ``random_perturbation`` entry ``step`` (validation only)."""
+    from misleader.defenses.perturbation import random_perturb
+
+    eps = None if step["eps"] is None else tuple(step["eps"])
+
+    def f(x: torch.Tensor) -> torch.Tensor:
+        return model(random_perturb(x, generator=generator, hidden=step["hidden"], eps=eps, norm=step["norm"],
+                                    weight_noise=step["weight_noise"], scale=step["scale"], mean=mean, std=std))
+    return f
+
+
 # --------------------------------------------------------------------------- result.json extras
 
 def finish_result(out: Path, result: dict[str, Any], *, extra: dict[str, Any], x_test: torch.Tensor,
@@ -300,4 +321,4 @@ def finish_result(out: Path, result: dict[str, Any], *, extra: dict[str, Any], x
 
 
 __all__ = ["FitResult", "FitTask", "RetrainTask", "VictimData", "model_stats", "finish_result", "fit", "load_tensors",
-           "load_victim_data", "ood_images", "resolve_preset", "save_tensors", "settings_dict"]
+           "load_victim_data", "ood_images", "recipe_of", "resolve_preset", "served_logits", "save_tensors", "settings_dict"]
