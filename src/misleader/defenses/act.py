@@ -51,7 +51,7 @@ from misleader.defenses.retrain import (
     fit,
     load_victim_data,
     model_stats,
-    recipe_of,
+    RecipeSettings,
     resolve_preset,
     save_tensors,
     served_logits,
@@ -66,18 +66,9 @@ SERVE_MODES = ("random", "trained")
 
 
 @dataclass(frozen=True)
-class ACTSettings:
-    """ACT fine-tuning and serving settings (see :data:`PRESETS`)."""
+class ACTSettings(RecipeSettings):
+    """ACT fine-tuning and serving settings (see :data:`PRESETS`; the optimiser's in :class:`RecipeSettings`)."""
 
-    epochs: int = 2
-    batch_size: int = 64
-    optimizer: str = "sgd"
-    lr: float = 1e-3
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    schedule: str = "constant"
-    milestones: tuple[float, ...] = ()
-    augment: str = "none"
     scale: float = 1.0
     hidden: int = 2
     eps: tuple[float, float] | None = (0.3, 0.6)
@@ -91,9 +82,11 @@ class ACTSettings:
 
 #: ``mnist-cpu``: 2 epochs (minutes on 2 cores; the reference: 11); ``cifar10-paper``: the reference's 11 epochs
 #: of SGD lr 0.001, momentum 0.9, weight decay 5e-4, batch 64, alpha 1e-5, scale 1.0, crop + flip.
+_REFERENCE_SGD: dict[str, Any] = {"optimizer": "sgd", "lr": 1e-3, "momentum": 0.9, "weight_decay": 5e-4,
+                                  "schedule": "constant"}
 PRESETS: dict[str, ACTSettings] = {
-    "mnist-cpu": ACTSettings(),
-    "cifar10-paper": ACTSettings(epochs=11, augment="crop_flip", ood_ngf=64),
+    "mnist-cpu": ACTSettings(epochs=2, **_REFERENCE_SGD),
+    "cifar10-paper": ACTSettings(epochs=11, augment="crop_flip", ood_ngf=64, **_REFERENCE_SGD),
 }
 
 
@@ -186,7 +179,7 @@ def defend_act(*, victim: str | Path, base: str | Path | None = None, out: str |
     random_step = {"kind": "input", "type": "random_perturbation", **common, "hidden": s.hidden,
                    "weight_noise": s.serve_weight_noise, "norm": "none"}
     task = _ACTTask(s=s, mean=mean, std=std, shape=shape, modules={"model": model, "watermark": wnet}, data=vd,
-                    recipe=recipe_of(s), epochs=s.epochs, device=dev, generator=g,
+                    recipe=s.recipe(), epochs=s.epochs, device=dev, generator=g,
                     served=served_logits(model, random_step, generator=make_generator(seed + 1), mean=mean, std=std))
     res = fit(task, epochs=s.epochs, steps_per_epoch=len(task.loader), resume_path=out / "resume.pt",
               settings={"params": params, "seed": seed}, desc="act")

@@ -50,6 +50,7 @@ from torch import nn
 
 from misleader.defenses.base import DefenseSpec, register_defense
 from misleader.defenses.retrain import (
+    RecipeSettings,
     finish_result,
     fit,
     load_tensors,
@@ -69,15 +70,10 @@ REFERENCE_THRESHOLDS = (0.9, 0.92, 0.94, 0.96)
 
 
 @dataclass(frozen=True)
-class DNFSettings:
-    """Head training and calibration settings (see :data:`PRESETS`)."""
+class DNFSettings(RecipeSettings):
+    """Head training and calibration settings (see :data:`PRESETS`). Of :class:`RecipeSettings` only the epochs,
+    batch size and optimiser are used (constant learning rate, no augmentation)."""
 
-    epochs: int = 2
-    batch_size: int = 128
-    optimizer: str = "adam"  # adam | sgd
-    lr: float = 1e-3
-    momentum: float = 0.9
-    weight_decay: float = 0.0
     entropy_weight: float = 0.1
     hidden: int | None = None  # None: 10 K
     ood_samples: int = 2048
@@ -90,8 +86,9 @@ class DNFSettings:
 #: ``mnist-cpu``: minutes on 2 CPU cores (default for 1-channel victims); ``cifar10-paper``: the reference's
 #: 20 epochs of SGD at lr 0.1 (momentum 0.9, weight decay 5e-4) with one OOD batch of 128.
 PRESETS: dict[str, DNFSettings] = {
-    "mnist-cpu": DNFSettings(),
-    "cifar10-paper": DNFSettings(epochs=20, optimizer="sgd", lr=0.1, weight_decay=5e-4, ood_samples=128, ood_ngf=64),
+    "mnist-cpu": DNFSettings(epochs=2, batch_size=128, optimizer="adam", lr=1e-3),
+    "cifar10-paper": DNFSettings(epochs=20, batch_size=128, optimizer="sgd", lr=0.1, weight_decay=5e-4, ood_samples=128,
+                                 ood_ngf=64),
 }
 
 
@@ -258,9 +255,9 @@ class _HeadTask:
         self.stages, self.heads, self.data, self.ood, self.s, self.device, self.g = stages, heads, data, ood, s, device, generator
         self.loader = TensorLoader(data.x_train, data.y_train, batch_size=s.batch_size, shuffle=True, generator=generator,
                                    device=device, drop_last=len(data.x_train) > s.batch_size)
-        params = heads.parameters()
-        self.opt = (torch.optim.SGD(params, lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay)
-                    if s.optimizer == "sgd" else torch.optim.Adam(params, lr=s.lr, weight_decay=s.weight_decay))
+        from misleader.training.train import make_optimizer
+
+        self.opt = make_optimizer(heads.parameters(), s.recipe())
 
     def _outs(self, x: torch.Tensor) -> list[torch.Tensor]:
         feats, h = [], x

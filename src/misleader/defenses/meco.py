@@ -62,7 +62,7 @@ from misleader.defenses.retrain import (
     fit,
     load_victim_data,
     model_stats,
-    recipe_of,
+    RecipeSettings,
     resolve_preset,
     served_logits,
     settings_dict,
@@ -75,18 +75,9 @@ PAPER_URL = "https://nips.cc/virtual/2023/poster/72719"
 
 
 @dataclass(frozen=True)
-class MeCoSettings:
-    """MeCo training and serving settings (see :data:`PRESETS`)."""
+class MeCoSettings(RecipeSettings):
+    """MeCo training and serving settings (see :data:`PRESETS`; the optimiser's in :class:`RecipeSettings`)."""
 
-    epochs: int = 3
-    batch_size: int = 64
-    optimizer: str = "adam"
-    lr: float = 1e-3
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    schedule: str = "cosine"
-    milestones: tuple[float, ...] = (0.4, 0.6, 0.8)
-    augment: str = "none"
     init: str = "scratch"  # scratch | victim
     scale: float = 0.5
     hidden: int = 2
@@ -191,7 +182,7 @@ def defend_meco(*, victim: str | Path, base: str | Path | None = None, out: str 
         model.load_state_dict(vd.model.state_dict())
     mean, std = model_stats(vd.meta, dev)
     step = serve_step(s, vd.meta)
-    task = _MeCoTask(s=s, mean=mean, std=std, modules={"model": model}, data=vd, recipe=recipe_of(s), epochs=s.epochs,
+    task = _MeCoTask(s=s, mean=mean, std=std, modules={"model": model}, data=vd, recipe=s.recipe(), epochs=s.epochs,
                      device=dev, generator=g,
                      served=served_logits(model, step, generator=make_generator(seed + 1), mean=mean, std=std))
     res = fit(task, epochs=s.epochs, steps_per_epoch=len(task.loader), resume_path=out / "resume.pt",

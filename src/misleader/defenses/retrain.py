@@ -75,6 +75,29 @@ def resolve_preset(presets: Mapping[str, S], *, preset: str | None, in_channels:
     return name, dataclasses.replace(base, **{k: v for k, v in overrides.items() if v is not None})  # type: ignore
 
 
+@dataclass(frozen=True)
+class RecipeSettings:
+    """The optimiser, schedule and augmentation fields of a training defense's settings (MeCo, ACT)."""
+
+    epochs: int = 3
+    batch_size: int = 64
+    optimizer: str = "adam"  # adam | sgd
+    lr: float = 1e-3
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    schedule: str = "cosine"  # cosine | step | constant
+    milestones: tuple[float, ...] = (0.4, 0.6, 0.8)
+    augment: str = "none"  # none | crop | crop_flip
+
+    def recipe(self) -> Any:
+        """These fields as a :class:`misleader.training.train.Recipe`."""
+        from misleader.training.train import Recipe
+
+        return Recipe(optimizer=self.optimizer, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay,
+                      batch_size=self.batch_size, schedule=self.schedule, milestones=tuple(self.milestones),
+                      augment=self.augment)
+
+
 def settings_dict(settings: Any) -> dict[str, Any]:
     """A preset dataclass as a JSON-ready dict (tuples become lists)."""
     return json.loads(json.dumps(dataclasses.asdict(settings)))
@@ -281,14 +304,6 @@ def model_stats(meta: dict[str, Any], device: torch.device) -> tuple[torch.Tenso
     return mean, std
 
 
-def recipe_of(s: Any) -> Any:
-    """The :class:`misleader.training.train.Recipe` of a settings dataclass with the recipe's fields."""
-    from misleader.training.train import Recipe
-
-    return Recipe(optimizer=s.optimizer, lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay,
-                  batch_size=s.batch_size, schedule=s.schedule, milestones=tuple(s.milestones), augment=s.augment)
-
-
 def served_logits(model: torch.nn.Module, step: dict[str, Any], *, generator: torch.Generator,
                   mean: torch.Tensor, std: torch.Tensor) -> Any:
     """``x -> model(x')`` with ``x'`` from the ``random_perturbation`` entry ``step`` (validation only)."""
@@ -321,4 +336,4 @@ def finish_result(out: Path, result: dict[str, Any], *, extra: dict[str, Any], x
 
 
 __all__ = ["FitResult", "FitTask", "RetrainTask", "VictimData", "model_stats", "finish_result", "fit", "load_tensors",
-           "load_victim_data", "ood_images", "recipe_of", "resolve_preset", "served_logits", "save_tensors", "settings_dict"]
+           "load_victim_data", "ood_images", "RecipeSettings", "resolve_preset", "served_logits", "save_tensors", "settings_dict"]
