@@ -50,6 +50,7 @@ from misleader.defenses.retrain import (
     finish_result,
     fit,
     load_victim_data,
+    params_checker,
     model_stats,
     RecipeSettings,
     resolve_preset,
@@ -201,6 +202,9 @@ def defend_act(*, victim: str | Path, base: str | Path | None = None, out: str |
                            or s.serve == "random")
     (out / "resume.pt").unlink(missing_ok=True)
     return result
+
+
+defend_act.check_params = params_checker(PRESETS, what="act")  # type: ignore[attr-defined]
 
 
 # --------------------------------------------------------------------------- CLI and registry

@@ -55,6 +55,7 @@ from misleader.defenses.retrain import (
     fit,
     load_tensors,
     load_victim_data,
+    params_checker,
     ood_images,
     resolve_preset,
     save_tensors,
@@ -411,6 +412,9 @@ def defend_dnf(*, victim: str | Path, base: str | Path | None = None, out: str |
     (out / "resume.pt").unlink(missing_ok=True)
     log.info("dnf %s: val rows reaching the final exit %.4f, thresholds %s", out, extra["val_final_fraction"], th)
     return result
+
+
+defend_dnf.check_params = params_checker(PRESETS, what="dnf")  # type: ignore[attr-defined]
 
 
 # --------------------------------------------------------------------------- CLI and registry

@@ -61,6 +61,7 @@ from misleader.defenses.retrain import (
     finish_result,
     fit,
     load_victim_data,
+    params_checker,
     model_stats,
     RecipeSettings,
     resolve_preset,
@@ -197,6 +198,9 @@ def defend_meco(*, victim: str | Path, base: str | Path | None = None, out: str 
     result = finish_result(out, result, extra=extra, x_test=data.x_test, device=dev, stochastic=True)
     (out / "resume.pt").unlink(missing_ok=True)
     return result
+
+
+defend_meco.check_params = params_checker(PRESETS, what="meco")  # type: ignore[attr-defined]
 
 
 # --------------------------------------------------------------------------- CLI and registry

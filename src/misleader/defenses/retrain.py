@@ -72,7 +72,8 @@ def resolve_preset(presets: Mapping[str, S], *, preset: str | None, in_channels:
     bad = sorted(set(overrides) - known)
     if bad:
         raise MisleaderError(f"{what}: unknown setting(s) {', '.join(bad)}; known: {', '.join(sorted(known))}")
-    return name, dataclasses.replace(base, **{k: v for k, v in overrides.items() if v is not None})  # type: ignore
+    given = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items() if v is not None}
+    return name, dataclasses.replace(base, **given)  # type: ignore
 
 
 @dataclass(frozen=True)
@@ -96,6 +97,33 @@ class RecipeSettings:
         return Recipe(optimizer=self.optimizer, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay,
                       batch_size=self.batch_size, schedule=self.schedule, milestones=tuple(self.milestones),
                       augment=self.augment)
+
+
+def params_checker(presets: Mapping[str, Any], *, what: str) -> Any:
+    """A ``check_params(*, preset=None, FIELD=None, ...)`` for a builder taking ``preset`` and ``**overrides``:
+    its signature names every setting (what a YAML spec may give), and it raises a one-line
+    :class:`MisleaderError` for an unknown preset or setting, or a value of the wrong kind."""
+    import inspect
+
+    proto = next(iter(presets.values()))
+    kinds = {f.name: type(getattr(proto, f.name)) for f in dataclasses.fields(proto)}
+
+    def check_params(**params: Any) -> None:
+        preset = params.pop("preset", None)
+        for k, v in params.items():
+            want = kinds.get(k)
+            if v is None or want is None or want is type(None):
+                continue
+            ok = (isinstance(v, (int, float)) and not isinstance(v, bool) if want in (int, float)
+                  else isinstance(v, (list, tuple)) if want is tuple else isinstance(v, want))
+            if not ok or (want is int and not isinstance(v, int)):
+                raise MisleaderError(f"{what}: setting {k!r} must be a {want.__name__}, got {v!r}")
+        resolve_preset(presets, preset=preset, in_channels=1 if preset is None else 0, overrides=params, what=what)
+
+    names = ["preset", *kinds]
+    check_params.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+        [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=None) for n in names])
+    return check_params
 
 
 def settings_dict(settings: Any) -> dict[str, Any]:
@@ -335,5 +363,5 @@ def finish_result(out: Path, result: dict[str, Any], *, extra: dict[str, Any], x
     return result
 
 
-__all__ = ["FitResult", "FitTask", "RetrainTask", "VictimData", "model_stats", "finish_result", "fit", "load_tensors",
+__all__ = ["FitResult", "FitTask", "RetrainTask", "VictimData", "model_stats", "params_checker", "finish_result", "fit", "load_tensors",
            "load_victim_data", "ood_images", "RecipeSettings", "resolve_preset", "served_logits", "save_tensors", "settings_dict"]
