@@ -75,3 +75,37 @@ def test_meco_folder_answers_any_batch_size(tiny_victim, tmp_path, sizes):
     for n in sizes:
         p = oracle.query(torch.rand(n, 1, 32, 32))
         assert p.shape == (n, 10) and torch.allclose(p.sum(1), torch.ones(n), atol=1e-5)
+
+
+class _CountingTask:
+    """A FitTask whose 'weights' are the list of epochs it ran."""
+
+    def __init__(self) -> None:
+        self.ran: list[int] = []
+
+    def run_epoch(self, epoch, *, bar):  # noqa: ANN001
+        self.ran.append(epoch)
+        return {"val_accuracy": [0.5, 0.9, 0.7, 0.6][epoch]}
+
+    def snapshot(self):
+        return {"ran": torch.tensor(self.ran)}
+
+    def state_dict(self):
+        return {"ran": torch.tensor(self.ran)}
+
+    def load_state_dict(self, state):  # noqa: ANN001
+        self.ran = state["ran"].tolist()
+
+
+def test_epoch_loop_resumes_after_the_last_finished_epoch_and_refuses_other_settings(tmp_path):
+    from misleader.defenses.retrain import fit
+    from misleader.errors import MisleaderError
+
+    first = _CountingTask()
+    fit(first, epochs=2, steps_per_epoch=1, resume_path=tmp_path / "r.pt", settings={"a": 1})
+    again = _CountingTask()
+    res = fit(again, epochs=4, steps_per_epoch=1, resume_path=tmp_path / "r.pt", settings={"a": 1})
+    assert again.ran == [0, 1, 2, 3] and [r["epoch"] for r in res.history] == [1, 2, 3, 4]
+    assert res.best_epoch == 2 and res.best["ran"].tolist() == [0, 1]  # selected on validation accuracy
+    with pytest.raises(MisleaderError, match="other settings"):
+        fit(_CountingTask(), epochs=4, steps_per_epoch=1, resume_path=tmp_path / "r.pt", settings={"a": 2})

@@ -285,8 +285,7 @@ class _HeadTask:
             bar.update(1)
         self.heads.eval()
         conf = head_confidences(self.stages, self.heads, self.data.x_val, device=self.device)
-        return {"train_loss": total / max(n, 1), "val_accuracy": 0.0,
-                "val_mean_confidence": [float(c.mean()) for c in conf]}
+        return {"train_loss": total / max(n, 1), "val_mean_confidence": [float(c.mean()) for c in conf]}
 
     def snapshot(self) -> dict[str, Any]:
         return {k: v.detach().cpu().clone() for k, v in self.heads.state_dict().items()}

@@ -208,7 +208,7 @@ class FitResult:
 def fit(task: FitTask, *, epochs: int, steps_per_epoch: int, resume_path: str | Path | None = None,
         settings: dict[str, Any] | None = None, desc: str = "train", select_best: bool = True) -> FitResult:
     """Run ``task`` for ``epochs`` epochs; keep the snapshot with the best ``val_accuracy`` (ties: the later;
-    ``select_best=False``: the last epoch's); resumable after every epoch from ``resume_path`` when it was
+    ``select_best=False``: the last epoch's, and ``val_accuracy`` may be absent); resumable after every epoch from ``resume_path`` when it was
     written with the same ``settings``."""
     from misleader.training.checkpoint import load_resume_state, save_resume_state
 
@@ -233,8 +233,9 @@ def fit(task: FitTask, *, epochs: int, steps_per_epoch: int, resume_path: str | 
         history.append(row)
         log.info("%s epoch %d/%d %s", desc, epoch + 1, epochs,
                  " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in fields.items()))
-        if not select_best or float(row["val_accuracy"]) >= best_acc:
-            best, best_acc, best_epoch = task.snapshot(), float(row["val_accuracy"]), epoch + 1
+        acc = float(row.get("val_accuracy", -1.0))
+        if not select_best or acc >= best_acc:
+            best, best_acc, best_epoch = task.snapshot(), acc, epoch + 1
         if resume_path is not None:
             save_resume_state(resume_path, {"settings": settings, "task": task.state_dict(), "epoch": epoch + 1,
                                             "history": history, "seconds": seconds, "best": best,
