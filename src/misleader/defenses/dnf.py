@@ -350,7 +350,7 @@ def defend_dnf(*, victim: str | Path, base: str | Path | None = None, out: str |
         ``test_exit_fractions``, ``ood_exit_fractions`` and ``serve_rows_per_second``.
     """
     from misleader.defenses.folder import claim_defense_out, write_defense_folder
-    from misleader.utils import make_generator, resolve_device
+    from misleader.utils import forked_rng, make_generator, resolve_device
 
     if base is not None and Path(base).resolve() != Path(victim).resolve():
         raise MisleaderError("defend dnf replaces the backend with early exits on the victim: it cannot wrap --base; "
@@ -368,7 +368,8 @@ def defend_dnf(*, victim: str | Path, base: str | Path | None = None, out: str |
         p.requires_grad_(False)
     stages, final = backbone_stages(vd.model)
     channels = stage_channels(stages, shape, dev)
-    heads = ExitHeads(channels=channels, hidden=s.hidden or 10 * k, num_classes=k).to(dev)
+    with forked_rng(g, dev):  # the heads' initialisation, from the run's seed
+        heads = ExitHeads(channels=channels, hidden=s.hidden or 10 * k, num_classes=k).to(dev)
     ood = ood_images(s.ood_samples, shape=shape, generator=g, device=dev, ngf=s.ood_ngf)
     task = _HeadTask(stages=stages, heads=heads, data=vd, ood=ood, s=s, device=dev, generator=g)
     res = fit(task, epochs=s.epochs, steps_per_epoch=len(task.loader), resume_path=out / "resume.pt",

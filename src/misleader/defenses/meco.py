@@ -160,7 +160,7 @@ def defend_meco(*, victim: str | Path, base: str | Path | None = None, out: str 
     from misleader.defenses.folder import claim_defense_out, write_defense_folder
     from misleader.models import create_model
     from misleader.training.victim import load_target_data
-    from misleader.utils import make_generator, resolve_device
+    from misleader.utils import forked_rng, make_generator, resolve_device
 
     if base is not None and Path(base).resolve() != Path(victim).resolve():
         raise MisleaderError("defend meco retrains the victim: it cannot wrap --base; build other defenses with "
@@ -176,9 +176,9 @@ def defend_meco(*, victim: str | Path, base: str | Path | None = None, out: str 
     if done is not None and "train_seconds" in done:
         return done
     g = make_generator(seed)
-    torch.manual_seed(seed)
-    model = create_model(vd.meta["arch"], in_channels=int(shape[0]), num_classes=int(vd.meta["num_classes"]),
-                         mean=vd.meta.get("mean"), std=vd.meta.get("std")).to(dev)
+    with forked_rng(g, dev):  # the model's initialisation, from the run's seed
+        model = create_model(vd.meta["arch"], in_channels=int(shape[0]), num_classes=int(vd.meta["num_classes"]),
+                             mean=vd.meta.get("mean"), std=vd.meta.get("std")).to(dev)
     if s.init == "victim":
         model.load_state_dict(vd.model.state_dict())
     mean, std = model_stats(vd.meta, dev)
