@@ -442,7 +442,7 @@ DNF = register_defense(DefenseSpec(
     help="DNF: early-exit heads on the frozen victim; attack-like queries exit early",
     description="Dynamic Neural Fortresses (ICLR 2025): trains exit heads after each stage of the frozen victim "
                 "with an in-distribution / OOD entropy objective, calibrates their softmax thresholds on the "
-                "validation split (>= 95%% of benign rows reach the final exit) and serves per-row early exits.\n\n"
+                "validation split (>= 95% of benign rows reach the final exit) and serves per-row early exits.\n\n"
                 "example: misleader defend dnf --victim runs/v_mnist --out runs/d_dnf",
     test_params={"epochs": 1, "batch_size": 64, "ood_samples": 64, "ood_batch": 32, "ood_ngf": 8, "ood_eval": 64}))
 
