@@ -104,10 +104,20 @@ def _copy_model(src_sidecar: Path, dst_dir: Path, *, expect_sha256: str | None) 
     return str(meta["sha256"])
 
 
+def _compose(base_steps: list[dict[str, Any]], steps: list[dict[str, Any]], *, backend: dict[str, Any] | None,
+             inputs: list[dict[str, Any]] | None) -> list[dict[str, Any]]:
+    """base inputs + ``inputs`` + (``backend`` or the base's backend) + the base's later steps + ``steps``."""
+    b = [s.get("kind") for s in base_steps].index("backend")
+    return ([dict(s) for s in base_steps[:b]] + [dict(s) for s in inputs or []]
+            + [dict(backend if backend is not None else base_steps[b])]
+            + [dict(s) for s in base_steps[b + 1:]] + [dict(s) for s in steps])
+
+
 def write_defense_folder(*, out: str | Path, victim: str | Path, base: str | Path | None, defense: str,
                          steps: list[dict[str, Any]], models: dict[str, nn.Module] | None, params: dict[str, Any],
                          seed: int, data_dir: str | Path | None, device: str | torch.device,
-                         force: bool) -> dict[str, Any]:
+                         force: bool, backend: dict[str, Any] | None = None,
+                         inputs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """Write the defense folder ``out``: what ``base`` (default: the victim) serves, then ``steps``.
 
     Args:
@@ -122,6 +132,8 @@ def write_defense_folder(*, out: str | Path, victim: str | Path, base: str | Pat
         data_dir: dataset root for the test-set evaluation.
         device: where the evaluation runs.
         force: start over when ``out`` holds a run with other settings.
+        backend: replaces the base's backend step (defenses that change the model itself: MeCo, ACT, DNF).
+        inputs: input steps inserted after the base's input steps, before the backend.
 
     Returns:
         ``result.json``: ``test_accuracy``, ``victim_test_accuracy``, ``fidelity``, ``mean_l1_to_victim`` (of the
@@ -174,7 +186,7 @@ def write_defense_folder(*, out: str | Path, victim: str | Path, base: str | Pat
         "num_classes": int(vmeta["num_classes"]), "input_shape": [int(s) for s in vmeta["input_shape"]],
         "class_names": vmeta.get("class_names"), "split": vmeta.get("split", {}), "seed": int(seed),
         "victim": {"path": os.path.relpath(victim.resolve(), out.resolve()), "sha256": vsha},
-        "models": table, "steps": [dict(s) for s in src.steps] + [dict(s) for s in steps],
+        "models": table, "steps": _compose(src.steps, steps, backend=backend, inputs=inputs),
         "params": params, "base": base_meta, "versions": environment(),
     }
     write_json(out / "manifest.json", manifest)
