@@ -45,6 +45,7 @@ import torch.nn.functional as F
 
 from misleader.defenses.base import DefenseSpec, register_defense
 from misleader.defenses.perturbation import WatermarkNet, perturb
+from misleader.training.resume import RESUME_FILE
 from misleader.defenses.retrain import (
     RetrainTask,
     finish_result,
@@ -184,7 +185,7 @@ def defend_act(*, victim: str | Path, base: str | Path | None = None, out: str |
     task = _ACTTask(s=s, mean=mean, std=std, shape=shape, modules={"model": model, "watermark": wnet}, data=vd,
                     recipe=s.recipe(), epochs=s.epochs, device=dev, generator=g,
                     served=served_logits(model, random_step, generator=make_generator(seed + 1), mean=mean, std=std))
-    res = fit(task, epochs=s.epochs, steps_per_epoch=len(task.loader), resume_path=out / "resume.pt",
+    res = fit(task, epochs=s.epochs, steps_per_epoch=len(task.loader), resume_path=out / RESUME_FILE,
               settings={"params": params, "seed": seed}, desc="act")
     model.load_state_dict(res.best["model"])
     wnet.load_state_dict(res.best["watermark"])
@@ -202,7 +203,7 @@ def defend_act(*, victim: str | Path, base: str | Path | None = None, out: str |
              "val_accuracy": res.best_val_accuracy}
     result = finish_result(out, result, extra=extra, x_test=data.x_test, device=dev, stochastic=s.eps is not None
                            or s.serve == "random")
-    (out / "resume.pt").unlink(missing_ok=True)
+    (out / RESUME_FILE).unlink(missing_ok=True)
     return result
 
 

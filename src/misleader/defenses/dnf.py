@@ -49,6 +49,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from misleader.defenses.base import DefenseSpec, register_defense
+from misleader.training.resume import RESUME_FILE
 from misleader.defenses.retrain import (
     RecipeSettings,
     finish_result,
@@ -372,7 +373,7 @@ def defend_dnf(*, victim: str | Path, base: str | Path | None = None, out: str |
         heads = ExitHeads(channels=channels, hidden=s.hidden or 10 * k, num_classes=k).to(dev)
     ood = ood_images(s.ood_samples, shape=shape, generator=g, device=dev, ngf=s.ood_ngf)
     task = _HeadTask(stages=stages, heads=heads, data=vd, ood=ood, s=s, device=dev, generator=g)
-    res = fit(task, epochs=s.epochs, steps_per_epoch=len(task.loader), resume_path=out / "resume.pt",
+    res = fit(task, epochs=s.epochs, steps_per_epoch=len(task.loader), resume_path=out / RESUME_FILE,
               settings={"params": params, "seed": seed}, desc="dnf heads", select_best=False)
     heads.load_state_dict(res.best)
     heads.eval()
@@ -409,7 +410,7 @@ def defend_dnf(*, victim: str | Path, base: str | Path | None = None, out: str |
              "ood_exit_fractions": exit_fractions(ood_idx, e), "serve_rows_per_second": rates["dnf"],
              "victim_serve_rows_per_second": rates["victim"], "serve_batch": 256}
     result = finish_result(out, result, extra=extra, x_test=data.x_test, device=dev, stochastic=False)
-    (out / "resume.pt").unlink(missing_ok=True)
+    (out / RESUME_FILE).unlink(missing_ok=True)
     log.info("dnf %s: val rows reaching the final exit %.4f, thresholds %s", out, extra["val_final_fraction"], th)
     return result
 

@@ -56,6 +56,7 @@ import torch.nn.functional as F
 
 from misleader.defenses.base import DefenseSpec, register_defense
 from misleader.defenses.perturbation import random_perturb
+from misleader.training.resume import RESUME_FILE
 from misleader.defenses.retrain import (
     RetrainTask,
     finish_result,
@@ -186,7 +187,7 @@ def defend_meco(*, victim: str | Path, base: str | Path | None = None, out: str 
     task = _MeCoTask(s=s, mean=mean, std=std, modules={"model": model}, data=vd, recipe=s.recipe(), epochs=s.epochs,
                      device=dev, generator=g,
                      served=served_logits(model, step, generator=make_generator(seed + 1), mean=mean, std=std))
-    res = fit(task, epochs=s.epochs, steps_per_epoch=len(task.loader), resume_path=out / "resume.pt",
+    res = fit(task, epochs=s.epochs, steps_per_epoch=len(task.loader), resume_path=out / RESUME_FILE,
               settings={"params": params, "seed": seed}, desc="meco")
     model.load_state_dict(res.best["model"])
     result = write_defense_folder(out=out, victim=victim, base=None, defense="meco", steps=[], models={"meco": model},
@@ -196,7 +197,7 @@ def defend_meco(*, victim: str | Path, base: str | Path | None = None, out: str 
     extra = {"train_seconds": res.seconds, "history": res.history, "best_epoch": res.best_epoch,
              "val_accuracy": res.best_val_accuracy}
     result = finish_result(out, result, extra=extra, x_test=data.x_test, device=dev, stochastic=True)
-    (out / "resume.pt").unlink(missing_ok=True)
+    (out / RESUME_FILE).unlink(missing_ok=True)
     return result
 
 

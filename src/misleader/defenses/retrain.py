@@ -5,7 +5,7 @@ The epoch loop :func:`fit` takes a task with the same four methods as ``misleade
 (``run_epoch``, ``snapshot``, ``state_dict``, ``load_state_dict``) and the same keyword arguments as
 ``misleader.training.loop.fit``, so that it can be replaced by that one loop once both are on one branch
 (it is kept local here because that loop lives on another branch). The resume state is written with
-:func:`misleader.training.checkpoint.save_resume_state` after every epoch and refused when it was written
+:func:`misleader.training.resume.save_resume_state` after every epoch and refused when it was written
 with other settings.
 """
 
@@ -184,64 +184,8 @@ def load_tensors(module: nn.Module, *, folder: Path, entry: Mapping[str, Any], w
 
 # --------------------------------------------------------------------------- epoch loop
 
-class FitTask(Protocol):
-    """The trainer side of :func:`fit` (the same methods as ``misleader.training.loop.FitTask``)."""
-
-    def run_epoch(self, epoch: int, *, bar: Any) -> dict[str, Any]: ...
-
-    def snapshot(self) -> dict[str, Any]: ...
-
-    def state_dict(self) -> dict[str, Any]: ...
-
-    def load_state_dict(self, state: dict[str, Any]) -> None: ...
-
-
-@dataclass
-class FitResult:
-    best: dict[str, Any]
-    best_val_accuracy: float
-    best_epoch: int
-    history: list[dict[str, Any]] = field(default_factory=list)
-    seconds: float = 0.0
-
-
-def fit(task: FitTask, *, epochs: int, steps_per_epoch: int, resume_path: str | Path | None = None,
-        settings: dict[str, Any] | None = None, desc: str = "train", select_best: bool = True) -> FitResult:
-    """Run ``task`` for ``epochs`` epochs; keep the snapshot with the best ``val_accuracy`` (ties: the later;
-    ``select_best=False``: the last epoch's, and ``val_accuracy`` may be absent); resumable after every epoch from ``resume_path`` when it was
-    written with the same ``settings``."""
-    from misleader.training.checkpoint import load_resume_state, save_resume_state
-
-    start, history, seconds = 0, [], 0.0
-    best, best_acc, best_epoch = task.snapshot(), -1.0, 0
-    state = load_resume_state(resume_path) if resume_path is not None else None
-    if state is not None:
-        if json.dumps(state.get("settings"), sort_keys=True) != json.dumps(settings, sort_keys=True):
-            raise MisleaderError(f"resume state {resume_path} was written with other settings: pass --force to start "
-                                 "over, or re-run with the same settings")
-        task.load_state_dict(state["task"])
-        start, history, seconds = int(state["epoch"]), list(state["history"]), float(state["seconds"])
-        best, best_acc, best_epoch = state["best"], float(state["best_acc"]), int(state["best_epoch"])
-        log.info("resuming %s after epoch %d", desc, start)
-    bar = progress(total=epochs * steps_per_epoch, desc=desc, unit="step")
-    bar.update(start * steps_per_epoch)
-    for epoch in range(start, epochs):
-        t0 = time.perf_counter()
-        fields = task.run_epoch(epoch, bar=bar)
-        seconds += time.perf_counter() - t0
-        row = {"epoch": epoch + 1, **fields, "seconds": seconds}
-        history.append(row)
-        log.info("%s epoch %d/%d %s", desc, epoch + 1, epochs,
-                 " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in fields.items()))
-        acc = float(row.get("val_accuracy", -1.0))
-        if not select_best or acc >= best_acc:
-            best, best_acc, best_epoch = task.snapshot(), acc, epoch + 1
-        if resume_path is not None:
-            save_resume_state(resume_path, {"settings": settings, "task": task.state_dict(), "epoch": epoch + 1,
-                                            "history": history, "seconds": seconds, "best": best,
-                                            "best_acc": best_acc, "best_epoch": best_epoch})
-    bar.close()
-    return FitResult(best=best, best_val_accuracy=best_acc, best_epoch=best_epoch, history=history, seconds=seconds)
+# one resumable epoch loop for the whole project: misleader.training.loop.fit (FitTask, FitResult)
+from misleader.training.loop import FitResult, FitTask, fit  # noqa: E402
 
 
 # --------------------------------------------------------------------------- supervised (re)training task

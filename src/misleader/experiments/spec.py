@@ -191,20 +191,6 @@ def check_value(value: Any, hint: Any, where: str) -> Any:
     return value
 
 
-def _register_retrained_kinds() -> None:
-    """MeCo, ACT and DNF: their settings are the parameters of their builders' ``check_params``."""
-    import importlib
-    import inspect
-
-    for name in ("meco", "act", "dnf"):
-        build = getattr(importlib.import_module(f"misleader.defenses.{name}"), f"defend_{name}")
-        register_defense_kind(DefenseKind(name, f"misleader.defenses.{name}:defend_{name}",
-                                          keys=frozenset(inspect.signature(build.check_params).parameters)))
-
-
-_register_retrained_kinds()
-
-
 # --------------------------------------------------------------------------- spec objects
 
 

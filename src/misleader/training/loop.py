@@ -83,6 +83,7 @@ def fit(
     patience: int = 0,
     desc: str = "train",
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
+    select_best: bool = True,
 ) -> FitResult:
     """Run ``task`` for up to ``epochs`` epochs, keeping the best validation snapshot.
 
@@ -95,6 +96,8 @@ def fit(
             is refused.
         patience: epochs without validation improvement before stopping (0: never stop early).
         on_epoch: called with each history row, before the row is saved in the resume state.
+        select_best: ``False``: keep the last epoch's snapshot (tasks without a validation accuracy, e.g.
+            DNF's exit heads, whose thresholds are calibrated afterwards); ``val_accuracy`` may then be absent.
 
     Returns:
         :class:`FitResult`.
@@ -131,13 +134,13 @@ def fit(
         epoch += 1
         row = {"epoch": epoch, **fields, "seconds": seconds}
         history.append(row)
-        val_acc = float(row["val_accuracy"])
+        val_acc = float(row.get("val_accuracy", -1.0)) if not select_best else float(row["val_accuracy"])
         bar.set_postfix(val=f"{val_acc:.4f}")
         log.info("%s epoch %d/%d %s", desc, epoch, epochs,
                  " ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in fields.items()))
         if on_epoch is not None:
             on_epoch(row)
-        if val_acc > best_acc:
+        if val_acc > best_acc or not select_best:
             best_acc, best_epoch, since_best = val_acc, epoch, 0
             best = task.snapshot()
         else:

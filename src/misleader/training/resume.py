@@ -31,6 +31,8 @@ from misleader.errors import MisleaderError
 from misleader.utils import atomic_write_bytes, write_json
 
 META_KEY = "misleader_resume"
+#: the resume file of a training run inside its output folder
+RESUME_FILE = "resume.safetensors"
 #: what :func:`misleader.experiments.runner.execute_stage` writes into a run folder before the API runs
 RUNNER_FILES = frozenset({"config.yaml", "env.json", "error.txt"})
 _MARKERS = ("__tensor__", "__tuple__", "__items__")

@@ -23,12 +23,10 @@ from misleader.errors import MisleaderError
 from misleader.fingerprint import FINGERPRINT_FILE, settings_fingerprint
 from misleader.models import MODELS, Classifier, create_model
 from misleader.training.checkpoint import load_model, read_sidecar, save_model
-from misleader.training.resume import claim_run_dir, flat_settings
+from misleader.training.resume import RESUME_FILE, claim_run_dir, flat_settings
 from misleader.utils import derive_seed, environment, make_generator, read_json, resolve_device, write_json
 
 log = logging.getLogger(__name__)
-
-RESUME_FILE = "resume.safetensors"
 
 
 
