@@ -6,9 +6,9 @@ with its smallest configuration (the attack's ``tiny_options()`` classmethod, el
 else its defaults) and a budget of a few hundred queries, and check: the oracle never answered more
 than the budget, the attack's own count equals the oracle's, the clone has the right output shape,
 ``result.json`` has the contract's keys and the history's query counts rise to the attack's count,
-and the reported accuracy and fidelity are recomputed from the saved clone on the test split. The defense folder is built by hand (a manifest over
-two tiny victims of different architectures trained one epoch on digits) so that it is fast and does
-not depend on the defense's training code; it is opened by the same ``load_oracle`` as a trained one.
+and the reported accuracy and fidelity are recomputed from the saved clone on the test split. The
+defense folder is built by hand (a manifest over two tiny victims of different architectures trained
+one epoch on digits) so that it is fast and does not depend on the defense's training code; it is opened by the same ``load_oracle`` as a trained one.
 """
 
 from __future__ import annotations

@@ -100,12 +100,15 @@ def test_overrides_are_applied_on_top_of_the_preset_and_type_checked():
     assert cfg == {**asdict(PRESETS["cpu"]), "preset": "cpu", "batch_size": 16, "gan_lr": 1.0,
                    "ema_taus": (0.5, 0.25), "proxy_classes": (3, 1), "flip": True}
     assert type(cfg["batch_size"]) is int and type(cfg["gan_lr"]) is float
-    assert DFMSHL(preset="paper").config()["batch_size"] == PRESETS["paper"].batch_size  # presets are not mutated
-    for bad, match in [({"batch_size": "abc"}, "batch_size must be an integer"), ({"batch_size": 2.5}, "integer"),
-                       ({"flip": 1}, "flip must be true or false"), ({"gan_lr": float("nan")}, "gan_lr must be a number"),
-                       ({"ema_taus": "x"}, "ema_taus"), ({"batch_size": 0}, "batch_size must be > 0"),
-                       ({"gan_beta1": 1.0}, r"gan_beta1 must be in \[0, 1\)"), ({"ema_taus": [1.5]}, "ema_taus"),
-                       ({"d_l": 3}, "unknown dfms-hl option")]:
+    # the shared preset is not mutated by an override
+    assert DFMSHL(preset="paper").config()["batch_size"] == PRESETS["paper"].batch_size
+    bads = [({"batch_size": "abc"}, "batch_size must be an integer"), ({"batch_size": 2.5}, "integer"),
+            ({"flip": 1}, "flip must be true or false"),
+            ({"gan_lr": float("nan")}, "gan_lr must be a number"),
+            ({"ema_taus": "x"}, "ema_taus"), ({"batch_size": 0}, "batch_size must be > 0"),
+            ({"gan_beta1": 1.0}, r"gan_beta1 must be in \[0, 1\)"), ({"ema_taus": [1.5]}, "ema_taus"),
+            ({"d_l": 3}, "unknown dfms-hl option")]
+    for bad, match in bads:
         with pytest.raises(MisleaderError, match=match):
             DFMSHL(preset="cpu", **bad)
     with pytest.raises(MisleaderError, match="preset"):
@@ -115,9 +118,11 @@ def test_overrides_are_applied_on_top_of_the_preset_and_type_checked():
 def test_auto_preset_follows_the_target_and_keeps_the_overrides():
     a = DFMSHL(batch_size=16)
     a.adapt_to_target({"dataset": "mnist", "input_shape": [1, 28, 28], "num_classes": 10})
-    assert a.preset == "small" and a.config() == {**asdict(PRESETS["small"]), "preset": "small", "batch_size": 16}
+    assert a.preset == "small"
+    assert a.config() == {**asdict(PRESETS["small"]), "preset": "small", "batch_size": 16}
     a.adapt_to_target({"dataset": "cifar10", "input_shape": [3, 32, 32], "num_classes": 10})
-    assert a.preset == "paper" and a.config() == {**asdict(PRESETS["paper"]), "preset": "paper", "batch_size": 16}
+    assert a.preset == "paper"
+    assert a.config() == {**asdict(PRESETS["paper"]), "preset": "paper", "batch_size": 16}
     fixed = DFMSHL(preset="cpu")
     fixed.adapt_to_target({"dataset": "cifar10", "input_shape": [3, 32, 32], "num_classes": 10})
     assert fixed.preset == "cpu"  # an explicit preset is never re-chosen

@@ -45,7 +45,8 @@ def test_result_files_and_keys(attack_dir, tiny_victim):
     saved = json.loads((out / "result.json").read_text())
     assert saved["clone_accuracy"] == res["clone_accuracy"] and saved["labels"] == "hard"
     assert res["queries_used"] == res["budget"] == 150 and res["target_kind"] == "victim" and res["pool"] == "attacker"
-    assert res["options"]["epochs"] == 3 and res["seconds"] > 0 and res["eval_seconds"] > 0  # three evaluations ran
+    assert res["options"]["epochs"] == 3 and res["seconds"] > 0
+    assert res["eval_seconds"] > 0  # three evaluations ran
     history = json.loads((out / "history.json").read_text())
     assert [r["epoch"] for r in history if "epoch" in r] == [1, 2, 3]
     assert all(r["queries"] == 150 for r in history)

@@ -307,7 +307,8 @@ def test_registered_attacks_construct_with_their_tiny_options():
         assert a.name == name and isinstance(a, cls)
         cfg = a.config()
         assert {k: cfg[k] for k in opts if k != "preset"} == {k: v for k, v in opts.items() if k != "preset"}
-        assert cls(**{**opts, "preset": cfg["preset"], **{k: cfg[k] for k in opts if k != "preset"}}).config() == cfg
+        again = cls(**{**opts, "preset": cfg["preset"], **{k: cfg[k] for k in opts if k != "preset"}})
+        assert again.config() == cfg
         with pytest.raises(MisleaderError, match="unknown"):
             cls(**opts, no_such_option=1)
 

@@ -66,7 +66,8 @@ def test_one_channel_pipeline_changes_only_brightness_and_contrast():
     n = 64
     flat = torch.linspace(0.1, 0.9, n).view(n, 1, 1, 1).expand(n, 1, 32, 32).contiguous()
     g = torch.Generator
-    plain = augment(strong_augmentation(channels=1, jitter=0.0, **NO_GEOMETRY), flat, generator=g().manual_seed(0))
+    plain = augment(strong_augmentation(channels=1, jitter=0.0, **NO_GEOMETRY), flat,
+                    generator=g().manual_seed(0))
     torch.testing.assert_close(plain, flat)
     y = augment(strong_augmentation(channels=1, **NO_GEOMETRY), flat, generator=g().manual_seed(0))
     assert y.shape == flat.shape and y.dtype == torch.float32 and y.min() >= 0 and y.max() <= 1
@@ -87,7 +88,8 @@ def test_grayscale_rate_is_about_p_on_three_channels(p):
     x = colour.expand(n, 3, 32, 32).contiguous()
     y = augment(strong_augmentation(channels=3, jitter=0.0, grayscale_p=p, **NO_GEOMETRY), x,
                 generator=torch.Generator().manual_seed(2))
-    gray = ((y[:, 0] - y[:, 1]).abs().amax(dim=(1, 2)) < 1e-4) & ((y[:, 1] - y[:, 2]).abs().amax(dim=(1, 2)) < 1e-4)
+    spread = (y.amax(dim=1) - y.amin(dim=1)).amax(dim=(1, 2))  # largest channel difference per image
+    gray = spread < 1e-4
     rate = float(gray.float().mean())
     assert abs(rate - p) < 0.06, rate  # 600 draws: the standard error is at most 0.02
 
