@@ -8,7 +8,8 @@ than the budget, the attack's own count equals the oracle's, the clone has the r
 ``result.json`` has the contract's keys and the history's query counts rise to the attack's count,
 and the reported accuracy and fidelity are recomputed from the saved clone on the test split. The
 defense folder is built by hand (a manifest over two tiny victims of different architectures trained
-one epoch on digits) so that it is fast and does not depend on the defense's training code; it is opened by the same ``load_oracle`` as a trained one.
+one epoch on digits) so that it is fast and does not depend on the defense's training code; it is opened
+by the same ``load_oracle`` as a trained one.
 """
 
 from __future__ import annotations
