@@ -106,9 +106,10 @@ def test_attack_contract(name, target, tmp_path, monkeypatch):
     # the reported numbers are the saved clone's on the target's test split (recomputed here)
     clone, meta = load_model(tmp_path / name / "clone.json")
     data, _ = load_target_data(meta)
-    pred = predict_probs(clone, data.x_test).argmax(1)
+    probs = predict_probs(clone, data.x_test)
+    assert probs.shape == (len(data.y_test), 10) and torch.isfinite(probs).all()
+    pred = probs.argmax(1)
     target_pred = query_all(load_oracle(target, output="probs"), data.x_test).argmax(1)
-    assert pred.shape == data.y_test.shape
     assert res["clone_accuracy"] == pytest.approx(accuracy(pred, data.y_test), abs=1e-6)
     assert res["fidelity"] == pytest.approx(fidelity(pred, target_pred), abs=1e-6)
     assert res["target_test_accuracy"] == pytest.approx(accuracy(target_pred, data.y_test), abs=1e-6)
