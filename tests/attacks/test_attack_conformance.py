@@ -5,9 +5,11 @@ undefended victim folder and a MISLEADER-style defense folder), run the attack t
 with its smallest configuration (the attack's ``tiny_options()`` classmethod, else ``TINY`` below,
 else its defaults) and a budget of a few hundred queries, and check: the oracle never answered more
 than the budget, the attack's own count equals the oracle's, the clone has the right output shape,
-and ``result.json`` has the contract's keys. The defense folder is built by hand (a manifest over
-two tiny victims of different architectures trained one epoch on digits) so that it is fast and does
-not depend on the defense's training code; it is opened by the same ``load_oracle`` as a trained one.
+``result.json`` has the contract's keys and the history's query counts rise to the attack's count,
+and the reported accuracy and fidelity are recomputed from the saved clone on the test split. The
+defense folder is built by hand (a manifest over two tiny victims of different architectures trained
+one epoch on digits) so that it is fast and does not depend on the defense's training code; it is opened
+by the same ``load_oracle`` as a trained one.
 """
 
 from __future__ import annotations
@@ -19,7 +21,11 @@ import torch
 
 import misleader.oracle.load as oracle_load
 from misleader.attacks import ATTACKS
+from misleader.metrics import accuracy, fidelity
+from misleader.oracle import load_oracle
 from misleader.training.checkpoint import load_model
+from misleader.training.evaluate import predict_probs, query_all
+from misleader.training.victim import load_target_data
 
 BUDGET = 300
 RESULT_KEYS = {"clone_accuracy", "clone_accuracy_best", "fidelity", "queries_used", "budget", "target_test_accuracy",
@@ -91,9 +97,19 @@ def test_attack_contract(name, target, tmp_path, monkeypatch):
     assert RESULT_KEYS <= set(res)
     assert res["target_kind"] == ("defense" if (target / "manifest.json").exists() else "victim")
     assert 0.0 <= res["clone_accuracy"] <= res["clone_accuracy_best"] <= 1.0 and 0.0 <= res["fidelity"] <= 1.0
-    assert json.loads((tmp_path / name / "result.json").read_text())["queries_used"] == res["queries_used"]
-    assert isinstance(json.loads((tmp_path / name / "history.json").read_text()), list)
+    assert json.loads((tmp_path / name / "result.json").read_text()) == json.loads(json.dumps(res))
+    # the history follows the attack: query counts never fall, stay within the budget and end at its count
+    history = json.loads((tmp_path / name / "history.json").read_text())
+    qs = [r["queries"] for r in history]
+    assert qs and qs == sorted(qs) and qs[-1] == res["queries_used"] and all(0 <= q <= BUDGET for q in qs)
+    assert res["clone_accuracy_best"] == max(r["clone_accuracy"] for r in history if "clone_accuracy" in r)
+    # the reported numbers are the saved clone's on the target's test split (recomputed here)
     clone, meta = load_model(tmp_path / name / "clone.json")
-    with torch.no_grad():
-        out = clone(torch.rand(3, 1, 32, 32))
-    assert out.shape == (3, 10) and torch.isfinite(out).all()
+    data, _ = load_target_data(meta)
+    probs = predict_probs(clone, data.x_test)
+    assert probs.shape == (len(data.y_test), 10) and torch.isfinite(probs).all()
+    pred = probs.argmax(1)
+    target_pred = query_all(load_oracle(target, output="probs"), data.x_test).argmax(1)
+    assert res["clone_accuracy"] == pytest.approx(accuracy(pred, data.y_test), abs=1e-6)
+    assert res["fidelity"] == pytest.approx(fidelity(pred, target_pred), abs=1e-6)
+    assert res["target_test_accuracy"] == pytest.approx(accuracy(target_pred, data.y_test), abs=1e-6)

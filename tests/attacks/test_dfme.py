@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import asdict
 
 import pytest
 import torch
@@ -11,7 +12,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from misleader.attacks import ATTACKS
 from misleader.attacks.dfme import DFME, PRESETS, estimate_gradient, recover_logits, unit_directions
 from misleader.errors import MisleaderError
 from misleader.oracle import ModelOracle
@@ -212,13 +212,23 @@ def test_unit_directions_have_unit_norm():
 # --------------------------------------------------------------------------- the attack
 
 
-def test_registered_with_presets():
-    assert "dfme" in ATTACKS
-    assert PRESETS["paper"].cost_per_iteration == 1792  # batch 256 * (1 * (1 + 1) + 5)
-    assert DFME(preset="cpu").cost_per_iteration == 896
-    authors = DFME(preset="misleader-authors")
-    assert authors.logit_recovery == "authors_log_softmax" and authors.batch_size == 2048
-    assert DFME(logit_recovery="authors_log_softmax").config()["logit_recovery"] == "authors_log_softmax"
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_each_preset_configures_the_attack_as_its_dataclass(name):
+    a = DFME(preset=name)
+    cfg = PRESETS[name]
+    assert a.config() == {"preset": name, **asdict(cfg)}
+    # queries per iteration: a clone batch per d_iter and (grad_m + 1) probe batches per g_iter
+    assert a.cost_per_iteration == cfg.batch_size * (cfg.g_iter * (cfg.grad_m + 1) + cfg.d_iter)
+    assert a.iterations_for(5 * a.cost_per_iteration - 1) == 4
+
+
+def test_overrides_are_applied_and_type_checked():
+    a = DFME(preset="paper", batch_size=8.0, logit_recovery="authors_log_softmax", grad_m=2)
+    assert a.config() == {**asdict(PRESETS["paper"]), "preset": "paper", "batch_size": 8, "grad_m": 2,
+                          "logit_recovery": "authors_log_softmax"}
+    assert a.cost_per_iteration == 8 * (PRESETS["paper"].g_iter * 3 + PRESETS["paper"].d_iter)
+    with pytest.raises(MisleaderError, match="batch_size must be an integer"):
+        DFME(batch_size="big")
     with pytest.raises(MisleaderError, match="preset"):
         DFME(preset="gpu-huge")
     with pytest.raises(MisleaderError, match="unknown dfme option"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import asdict
 
 import pytest
 import torch
@@ -10,7 +11,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from misleader.attacks import ATTACKS
 from misleader.attacks.dfms_hl import CIFAR100_40_CLASSES, DFMSHL, PRESETS, diversity_loss
 from misleader.errors import MisleaderError
 from misleader.oracle import ModelOracle
@@ -87,18 +87,52 @@ def test_diversity_loss_prefers_balanced_batches():
 # --------------------------------------------------------------------------- the attack
 
 
-def test_registered_presets_and_options():
-    assert "dfms-hl" in ATTACKS
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_each_preset_configures_the_attack_as_its_dataclass(name):
+    a = DFMSHL(preset=name)
+    assert a.config() == {"preset": name, **asdict(PRESETS[name])}
+    assert a._cfg == PRESETS[name]
+
+
+def test_overrides_are_applied_on_top_of_the_preset_and_type_checked():
+    a = DFMSHL(preset="cpu", batch_size=16.0, gan_lr=1, ema_taus=[0.5, 0.25], proxy_classes=[3, 1], flip=True)
+    cfg = a.config()
+    assert cfg == {**asdict(PRESETS["cpu"]), "preset": "cpu", "batch_size": 16, "gan_lr": 1.0,
+                   "ema_taus": (0.5, 0.25), "proxy_classes": (3, 1), "flip": True}
+    assert type(cfg["batch_size"]) is int and type(cfg["gan_lr"]) is float
+    # the shared preset is not mutated by an override
+    assert DFMSHL(preset="paper").config()["batch_size"] == PRESETS["paper"].batch_size
+    bads = [({"batch_size": "abc"}, "batch_size must be an integer"), ({"batch_size": 2.5}, "integer"),
+            ({"flip": 1}, "flip must be true or false"),
+            ({"gan_lr": float("nan")}, "gan_lr must be a number"),
+            ({"ema_taus": "x"}, "ema_taus"), ({"batch_size": 0}, "batch_size must be > 0"),
+            ({"gan_beta1": 1.0}, r"gan_beta1 must be in \[0, 1\)"), ({"ema_taus": [1.5]}, "ema_taus"),
+            ({"d_l": 3}, "unknown dfms-hl option")]
+    for bad, match in bads:
+        with pytest.raises(MisleaderError, match=match):
+            DFMSHL(preset="cpu", **bad)
+    with pytest.raises(MisleaderError, match="preset"):
+        DFMSHL(preset="tpu")
+
+
+def test_auto_preset_follows_the_target_and_keeps_the_overrides():
+    a = DFMSHL(batch_size=16)
+    a.adapt_to_target({"dataset": "mnist", "input_shape": [1, 28, 28], "num_classes": 10})
+    assert a.preset == "small"
+    assert a.config() == {**asdict(PRESETS["small"]), "preset": "small", "batch_size": 16}
+    a.adapt_to_target({"dataset": "cifar10", "input_shape": [3, 32, 32], "num_classes": 10})
+    assert a.preset == "paper"
+    assert a.config() == {**asdict(PRESETS["paper"]), "preset": "paper", "batch_size": 16}
+    fixed = DFMSHL(preset="cpu")
+    fixed.adapt_to_target({"dataset": "cifar10", "input_shape": [3, 32, 32], "num_classes": 10})
+    assert fixed.preset == "cpu"  # an explicit preset is never re-chosen
+
+
+def test_default_pool_is_another_dataset_and_hard_labels_only():
     assert DFMSHL.requires == frozenset({"labels"}) and DFMSHL.needs_pool
-    assert PRESETS["paper"].ngf == 64 and PRESETS["paper"].gan_epochs == 200
-    assert PRESETS["cpu"].batch_size == 64 and PRESETS["cpu"].diversity_weight == 500
     assert DFMSHL.choose_pool({"dataset": "mnist"}) == "fashion-mnist"
     with pytest.raises(MisleaderError, match="--pool"):
         DFMSHL.choose_pool({"dataset": "npz:/x.npz"})
-    with pytest.raises(MisleaderError, match="preset"):
-        DFMSHL(preset="tpu")
-    with pytest.raises(MisleaderError, match="unknown dfms-hl option"):
-        DFMSHL(d_l=3)
     assert len(set(CIFAR100_40_CLASSES)) == 40 and all(0 <= c < 100 for c in CIFAR100_40_CLASSES)
 
 

@@ -45,7 +45,8 @@ def test_result_files_and_keys(attack_dir, tiny_victim):
     saved = json.loads((out / "result.json").read_text())
     assert saved["clone_accuracy"] == res["clone_accuracy"] and saved["labels"] == "hard"
     assert res["queries_used"] == res["budget"] == 150 and res["target_kind"] == "victim" and res["pool"] == "attacker"
-    assert res["options"]["epochs"] == 3 and res["seconds"] > 0 and res["eval_seconds"] >= 0
+    assert res["options"]["epochs"] == 3 and res["seconds"] > 0
+    assert res["eval_seconds"] > 0  # three evaluations ran
     history = json.loads((out / "history.json").read_text())
     assert [r["epoch"] for r in history if "epoch" in r] == [1, 2, 3]
     assert all(r["queries"] == 150 for r in history)
@@ -172,12 +173,21 @@ def test_out_is_checked_before_the_attack_runs(tiny_victim, tmp_path, monkeypatc
     assert not ran
 
 
-def test_rerun_resumes_only_with_the_same_settings(tiny_victim, tmp_path):
+def test_rerun_resumes_only_with_the_same_settings(tiny_victim, tmp_path, capsys):
     kw = dict(target=tiny_victim, clone_arch="lenet5_fifth", device="cpu", options={"epochs": 0}, out=tmp_path / "a")
     first = run_attack("knockoff", budget=20, **kw)
     assert run_attack("knockoff", budget=20, **kw) == first  # finished, same settings: the stored result
-    with pytest.raises(MisleaderError, match="budget: stored 20, requested 30"):
+    stored = (tmp_path / "a" / "result.json").read_bytes()
+    with pytest.raises(MisleaderError, match="budget: stored 20, requested 30") as info:
         run_attack("knockoff", budget=30, **kw)
+    assert "\n" not in str(info.value) and "--force" in str(info.value)
+    with pytest.raises(MisleaderError, match="epochs"):
+        run_attack("knockoff", budget=20, **{**kw, "options": {"epochs": 1}})
+    rc = main(["-q", "attack", "knockoff", "--target", str(tiny_victim), "--budget", "30", "--clone-arch",
+               "lenet5_fifth", "--out", str(tmp_path / "a"), "--device", "cpu", "-o", "epochs=0"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "budget" in err and "Traceback" not in err
+    assert (tmp_path / "a" / "result.json").read_bytes() == stored  # refusals leave the finished run alone
     assert run_attack("knockoff", budget=30, force=True, **kw)["budget"] == 30
     (tmp_path / "foreign").mkdir()
     (tmp_path / "foreign" / "notes.txt").write_text("mine")

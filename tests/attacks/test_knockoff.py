@@ -254,21 +254,63 @@ def test_same_seed_same_clone(tiny_victim, strategy):
     assert any(not torch.equal(s1[k], s3[k]) for k in s1)
 
 
-def test_val_fraction_selects_on_the_attackers_own_slice(tiny_victim):
+def test_val_fraction_selects_on_the_attackers_own_slice(tiny_victim, monkeypatch):
+    """The kept epoch is the best on the held-out slice of the attacker's paid queries (the agreement of
+    every epoch is recorded), the slice carries the victim's answers, and the returned clone scores the
+    reported agreement on it (fails if the final clone, another slice or test data were used)."""
+    from misleader.attacks import knockoff
+
+    seen: list[tuple[torch.Tensor, torch.Tensor, float]] = []
+    states: list[dict[str, torch.Tensor]] = []
+    real = knockoff._agreement
+
+    def spy(clone, x, y, *, device):  # noqa: ANN001
+        v = real(clone, x, y, device=device)
+        seen.append((x, y, v))
+        states.append({k: t.detach().clone() for k, t in clone.state_dict().items()})
+        return v
+
+    monkeypatch.setattr(knockoff, "_agreement", spy)
     px, py = load_pool("attacker", target_meta=describe_target(tiny_victim))
     oracle = load_oracle(tiny_victim, budget=150)
-    a = KnockoffNets(epochs=4, val_fraction=0.2)
+    a = KnockoffNets(epochs=6, val_fraction=0.2, lr=0.1, momentum=0.9, batch_size=16)
     a.prepare(pool_x=px, pool_y=py)
     torch.manual_seed(0)
     res = a.run(oracle, budget=150, clone=create_model("lenet5_fifth", in_channels=1, num_classes=10),
                 generator=torch.Generator().manual_seed(0))
-    assert res.extra["val_size"] == 30 and 1 <= res.extra["selected_epoch"] <= 4
-    assert 0.0 <= res.extra["val_agreement"] <= 1.0
-    assert oracle.queries_used == res.queries_used == 150
+    assert oracle.queries_used == res.queries_used == 150 and res.extra["val_size"] == 30
+    assert len(seen) == 6  # one measurement per epoch, all on the same slice
+    x_val, y_val = seen[0][0], seen[0][1]
+    assert all(torch.equal(x, x_val) and torch.equal(y, y_val) for x, y, _ in seen)
+    # the slice is 30 of the attacker's pool images, labelled with the victim's answers
+    truth = load_oracle(tiny_victim, output="labels").query(x_val.float() / 255)
+    assert len(x_val) == 30 and torch.equal(y_val, truth)
+    pool_rows = {bytes(r.numpy()) for r in px}
+    assert all(bytes(r.numpy()) in pool_rows for r in x_val)
+    per_epoch = [v for _, _, v in seen]
+    best = max(per_epoch)
+    assert res.extra["val_agreement"] == best and res.extra["selected_epoch"] == per_epoch.index(best) + 1
+    assert res.extra["final_val_agreement"] == per_epoch[-1]
+    # the returned clone is the kept epoch's, not the last epoch's (which differs)
+    kept, out = states[res.extra["selected_epoch"] - 1], res.clone.state_dict()
+    assert all(torch.equal(out[k], kept[k]) for k in kept)
+    assert res.extra["selected_epoch"] < 6 and any(not torch.equal(states[-1][k], kept[k]) for k in kept)
+    assert real(res.clone, x_val, y_val, device=torch.device("cpu")) == best
 
 
-def test_registered():
-    assert "knockoff" in ATTACKS and ATTACKS.get("knockoff") is KnockoffNets and KnockoffNets.needs_pool
+def test_registered_attacks_construct_with_their_tiny_options():
+    """Every registered attack builds from its tiny_options(), round-trips its config, and rejects a typo."""
+    for name in ATTACKS.names():
+        cls = ATTACKS.get(name)
+        opts = cls.tiny_options()
+        a = cls(**opts)
+        assert a.name == name and isinstance(a, cls)
+        cfg = a.config()
+        assert {k: cfg[k] for k in opts if k != "preset"} == {k: v for k, v in opts.items() if k != "preset"}
+        again = cls(**{**opts, "preset": cfg["preset"], **{k: cfg[k] for k in opts if k != "preset"}})
+        assert again.config() == cfg
+        with pytest.raises(MisleaderError, match="unknown"):
+            cls(**opts, no_such_option=1)
 
 
 # --------------------------------------------------------------------------- pools

@@ -56,13 +56,42 @@ def test_unseeded_augment_uses_global_rng():
     assert torch.equal(a, augment(module, x))
 
 
-def test_one_channel_pipeline_has_no_saturation_or_grayscale():
-    names = [type(m).__name__ for m in strong_augmentation(channels=1)]
-    assert "RandomGrayscale" not in names
-    assert names == ["RandomResizedCrop", "RandomHorizontalFlip", "ColorJitter", "RandomAffine"]
-    names3 = [type(m).__name__ for m in strong_augmentation(channels=3)]
-    assert names3 == ["RandomResizedCrop", "RandomHorizontalFlip", "ColorJitter", "RandomGrayscale",
-                      "RandomAffine"]
+#: strong augmentation with the geometric steps made neutral on spatially constant images
+NO_GEOMETRY = {"hflip": False, "degrees": 0.0, "translate": 0.0, "scale": (1.0, 1.0)}
+
+
+def test_one_channel_pipeline_changes_only_brightness_and_contrast():
+    """1 channel in, 1 channel out in [0, 1]; on flat images (where crop and flip are no-ops) the jitter
+    changes the level but keeps every image flat, and no grayscale step exists (its rate is ignored)."""
+    n = 64
+    flat = torch.linspace(0.1, 0.9, n).view(n, 1, 1, 1).expand(n, 1, 32, 32).contiguous()
+    g = torch.Generator
+    plain = augment(strong_augmentation(channels=1, jitter=0.0, **NO_GEOMETRY), flat,
+                    generator=g().manual_seed(0))
+    torch.testing.assert_close(plain, flat)
+    y = augment(strong_augmentation(channels=1, **NO_GEOMETRY), flat, generator=g().manual_seed(0))
+    assert y.shape == flat.shape and y.dtype == torch.float32 and y.min() >= 0 and y.max() <= 1
+    torch.testing.assert_close(y, y[:, :, :1, :1].expand_as(y))  # still flat: no per-pixel colour op
+    assert (y - flat).abs().amax(dim=(1, 2, 3)).gt(1e-3).float().mean() > 0.9  # the levels moved
+    x = _images(1)
+    a = augment(strong_augmentation(channels=1, grayscale_p=0.0), x, generator=g().manual_seed(3))
+    b = augment(strong_augmentation(channels=1, grayscale_p=0.9), x, generator=g().manual_seed(3))
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.2, 0.5])
+def test_grayscale_rate_is_about_p_on_three_channels(p):
+    n = 600
+    gen = torch.Generator().manual_seed(1)
+    colour = torch.rand(n, 3, 1, 1, generator=gen) * 0.8 + 0.1
+    colour[:, 1] = colour[:, 0] * 0.3 + 0.05  # channels clearly different: only grayscale makes them equal
+    x = colour.expand(n, 3, 32, 32).contiguous()
+    y = augment(strong_augmentation(channels=3, jitter=0.0, grayscale_p=p, **NO_GEOMETRY), x,
+                generator=torch.Generator().manual_seed(2))
+    spread = (y.amax(dim=1) - y.amin(dim=1)).amax(dim=(1, 2))  # largest channel difference per image
+    gray = spread < 1e-4
+    rate = float(gray.float().mean())
+    assert abs(rate - p) < 0.06, rate  # 600 draws: the standard error is at most 0.02
 
 
 def test_strong_rejects_wrong_channels_or_size():
