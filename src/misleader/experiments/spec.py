@@ -21,7 +21,7 @@ std is over attack runs against one trained defense, which is the default (``vic
 
 Top-level keys: ``name``, ``description``, ``dataset`` (a registered name or ``npz:PATH``;
 ``{data_dir}`` in it is replaced by the data folder in use), ``victim`` (``arch``, ``epochs``,
-``recipe``, ``batch_size``, ``lr``, ``split``), ``victim_seeds``, ``defenses`` (``name``, ``label`` and
+``recipe``, ``batch_size``, ``lr``, ``split``), ``victim_seeds``, ``defenses`` (``name``, ``label``, ``base`` and
 the defense's settings, e.g. MISLEADER's ``members``, ``epochs``, ``preset``, ``member_settings``,
 ``batch_size``), ``attacks`` (``name``, ``label``, ``labels`` soft|hard, ``pool``, ``budgets``,
 ``clone_archs``, ``options``, ``eval_every``, ``seeds``), ``clone_archs``, ``budgets`` (default for
@@ -29,6 +29,17 @@ attacks), ``seeds``, ``device``, ``resources`` (per stage: ``num_cpus``, ``num_g
 Budgets may be written ``5000``, ``"100k"``, ``"2M"``.
 
 The ``undefended`` defense is the victim folder itself (nothing is trained).
+
+Sweeps: a defense setting written ``{sweep: [v1, v2, ...]}`` stands for one defense per value (each value
+checked like a plain setting; several swept settings: their cartesian product, keys in sorted order),
+labelled ``LABEL(key=value, ...)`` (``LABEL`` defaults to the name) and carrying ``group`` (``LABEL``) and
+``sweep`` (the key/value pairs) so that the report draws one curve per group. Each point's stage id is the
+id of the same entry written out by hand.
+
+Composition: ``base: LABEL`` names another (expanded) defense of the spec whose folder the builder wraps
+(``base=``); its stage depends on that defense's stage, whose id enters its config (a base that is the
+``undefended`` victim adds nothing: it is the builder's default). Unknown labels, a sweep's group label and
+cycles are refused. Specs without ``sweep``/``base`` keep their stage ids.
 
 Example (the keys; see ``experiments/demo.yaml`` for a complete file)::
 
