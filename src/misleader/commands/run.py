@@ -38,7 +38,11 @@ def run(args: argparse.Namespace) -> int:
         stages, status = plan(spec, args.out)
         for st in stages:
             state = "virtual " if st.virtual else f"{status[st.id]:8s}"
-            print(f"{state} {st.stage:8s} {st.folder}")
+            what = ""
+            if st.stage == "defense":  # the label, and what a composed defense wraps (built before it)
+                base = st.meta.get("defense_base")
+                what = f"  {st.meta.get('defense_label')}" + (f" (wraps {base})" if base else "")
+            print(f"{state} {st.stage:8s} {st.folder}{what}")
         real = [st for st in stages if not st.virtual]
         print(f"{len(real)} runs, {sum(status[st.id] == 'finished' for st in real)} finished")
         return 0

@@ -226,6 +226,17 @@ def build_post(*, victim, base=None, out, data_dir=None, seed: int = 0, device: 
                                  out=out, data_dir=data_dir, seed=seed, device=device, force=force)
 
 
+def check_post_params(*, op: str, **op_params: Any) -> None:
+    """Spec validation (misleader.experiments.spec): the step of ``op`` builds with ``op_params`` (10 classes)."""
+    try:
+        post_step(op=op, num_classes=10, **op_params)
+    except (TypeError, ValueError) as exc:
+        raise MisleaderError(f"post --op {op}: {exc}") from None
+
+
+build_post.check_params = check_post_params  # type: ignore[attr-defined]
+
+
 register_defense(DefenseSpec(
     name="post", build=build_post, add_arguments=_add_arguments, params_from_args=_params,
     paper="https://ieeexplore.ieee.org/document/8844598", stochastic=True,  # --op gaussian draws noise

@@ -6,7 +6,7 @@
 * :func:`plot_arch_heatmap` -- clone accuracy for attacker (clone) architecture x defense
   architecture, one panel per attack (the paper's Figure 2).
 * :func:`plot_pareto` -- utility (the served model's test accuracy) against clone accuracy, one point
-  per defense and attack: the defender wants the upper left.
+  per defense and attack (a spec's sweep: one curve over the swept value): the defender wants the upper left.
 
 Colours are fixed per defense (undefended grey, MISLEADER red, others from a fixed list in the
 spec's order), so the same defense looks the same in every figure and every report.
@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from misleader.experiments.tables import UNDEFENDED, Results, Stat, attack_cells, utility_rows
+from misleader.experiments.tables import UNDEFENDED, Results, Stat, _unique, attack_cells, utility_rows
 
 FIXED_COLOURS = {UNDEFENDED: "#4d4d4d", "misleader": "#d62728"}
 PALETTE = ["#1f77b4", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22", "#7f7f7f"]
@@ -196,40 +196,90 @@ def _short_arch(arch: str) -> str:
     return arch.replace("+", "+\n") if len(arch) > 16 else arch
 
 
-def plot_pareto(res: Results, *, path: str | Path | None = None):
-    """Defended test accuracy (%) against clone accuracy (%): each defense x attack a point."""
-    plt = _plt()
+def _sweep_key(values: dict[str, Any]) -> tuple:
+    """Sort key of a sweep point: its values in key order (numbers by value, anything else by its text)."""
+    return tuple((0, v, "") if isinstance(v, (int, float)) and not isinstance(v, bool) else (1, 0, str(v))
+                 for _, v in sorted(values.items()))
+
+
+def _sweep_text(values: dict[str, Any]) -> str:
+    """A marker's label: the value alone for a one-key sweep, else ``k=v, ...``."""
+    items = sorted(values.items())
+    return f"{items[0][1]}" if len(items) == 1 else ", ".join(f"{k}={v}" for k, v in items)
+
+
+def pareto_points(res: Results) -> list[dict[str, Any]]:
+    """The points of :func:`plot_pareto`: one per defense label and attack with a utility and an attack result.
+
+    Each point: ``attack``, ``defense`` (label), ``group`` (the sweep it belongs to, else ``None``), ``sweep``
+    (``{key: value}``, empty without a sweep), ``base`` (label it wraps, else ``None``), ``x``/``xerr`` (clone
+    accuracy mean/std over the largest budget's runs) and ``y``/``yerr`` (the served model's test accuracy), in
+    percent.
+    """
     cells = attack_cells(res)
     attacks = [a for a in res.attack_order if any(k[2] == a for k in cells)]
-    colours = defense_colours(res.defense_order)
     utility = {(r["dataset"], r["defense_label"]): r for r in utility_rows(res)}
-    fig, ax = plt.subplots(figsize=(6.4, 4.8))
-    xs: list[float] = []
-    anchor: dict[str, tuple[float, float]] = {}
-    for ai, attack in enumerate(attacks):
+    points = []
+    for attack in attacks:
         for d in res.defense_order:
             runs = [r for k, rs in cells.items() if k[1] == d and k[2] == attack for r in rs]
             if not runs:
                 continue
-            ds = runs[0].meta.get("dataset")
-            u = utility.get((ds, d))
+            m = runs[0].meta
+            u = utility.get((m.get("dataset"), d))
             if u is None or "test_accuracy" not in u:
                 continue
-            top = _largest_budget_runs(runs)
-            s = Stat.of([r.result.get("clone_accuracy") for r in top])
+            s = Stat.of([r.result.get("clone_accuracy") for r in _largest_budget_runs(runs)])
             ua = u["test_accuracy"]
-            ax.errorbar(s.mean * 100, ua.mean * 100, xerr=s.std * 100, yerr=ua.std * 100,
-                        fmt=MARKERS[ai % len(MARKERS)], color=colours[d], ms=8, capsize=3, mec="black", mew=0.5)
-            xs += [s.mean * 100 - s.std * 100, s.mean * 100 + s.std * 100]
-            x0, _ = anchor.get(d, (math.inf, 0.0))
-            anchor[d] = (min(x0, s.mean * 100), ua.mean * 100)
-    for d, (x, y) in anchor.items():  # one name per defense, left of its leftmost point
-        ax.annotate(d, (x, y), textcoords="offset points", xytext=(-8, 8), ha="right", fontsize=9, color=colours[d])
-    # legends: colour = defense, marker = attack
+            points.append({"attack": attack, "defense": d, "group": m.get("defense_group"),
+                           "sweep": dict(m.get("defense_sweep") or {}), "base": m.get("defense_base"),
+                           "x": s.mean * 100, "xerr": s.std * 100, "y": ua.mean * 100, "yerr": ua.std * 100})
+    return points
+
+
+def plot_pareto(res: Results, *, path: str | Path | None = None):
+    """Defended test accuracy (%) against clone accuracy (%): each defense x attack a point; the defenses of one
+    sweep (``{sweep: [...]}`` in the spec) are one curve per attack, ordered by the swept value, each marker
+    labelled with its value (the line's ``gid`` is ``sweep:GROUP:ATTACK``). A composed defense (``base:``) is
+    an entry of its own."""
+    plt = _plt()
+    points = pareto_points(res)
+    attacks = _unique(p["attack"] for p in points)
+    keys = _unique(p["group"] or p["defense"] for p in points)  # one colour per sweep or defense
+    colours = defense_colours(keys)
+    fig, ax = plt.subplots(figsize=(6.4, 4.8))
+    xs: list[float] = []
+    anchor: dict[str, tuple[float, float]] = {}
+    for ai, attack in enumerate(attacks):
+        marker = MARKERS[ai % len(MARKERS)]
+        for key in keys:
+            pts = [p for p in points if p["attack"] == attack and (p["group"] or p["defense"]) == key]
+            if not pts:
+                continue
+            grouped = pts[0]["group"] is not None
+            if grouped:
+                pts.sort(key=lambda p: _sweep_key(p["sweep"]))
+                ax.plot([p["x"] for p in pts], [p["y"] for p in pts], "-", color=colours[key], lw=1.4, alpha=0.8,
+                        gid=f"sweep:{key}:{attack}")
+            for p in pts:
+                ax.errorbar(p["x"], p["y"], xerr=p["xerr"], yerr=p["yerr"], fmt=marker, color=colours[key], ms=8,
+                            capsize=3, mec="black", mew=0.5)
+                if grouped:
+                    ax.annotate(_sweep_text(p["sweep"]), (p["x"], p["y"]), textcoords="offset points",
+                                xytext=(6, -10), fontsize=7, color=colours[key])
+                xs += [p["x"] - p["xerr"], p["x"] + p["xerr"]]
+                x0, _ = anchor.get(key, (math.inf, 0.0))
+                if p["x"] < x0:
+                    anchor[key] = (p["x"], p["y"])
+    for key, (x, y) in anchor.items():  # one name per defense or sweep, left of its leftmost point
+        ax.annotate(key, (x, y), textcoords="offset points", xytext=(-8, 8), ha="right", fontsize=9,
+                    color=colours[key])
+    # legends: colour = defense (a line: a sweep), marker = attack
     from matplotlib.lines import Line2D
 
-    h1 = [Line2D([], [], color=colours[d], marker="o", ls="", label=d) for d in res.defense_order
-          if any(k[1] == d for k in cells)]
+    swept = {p["group"] for p in points if p["group"] is not None}
+    h1 = [Line2D([], [], color=colours[k], marker="o", ls="-" if k in swept else "",
+                 label=f"{k} (sweep)" if k in swept else k) for k in keys]
     h2 = [Line2D([], [], color="black", marker=MARKERS[i % len(MARKERS)], ls="", mfc="white", label=a)
           for i, a in enumerate(attacks)]
     leg = ax.legend(handles=h1, title="defense", fontsize=8, title_fontsize=8, loc="lower left")
@@ -251,4 +301,4 @@ def plot_pareto(res: Results, *, path: str | Path | None = None):
     return fig
 
 
-__all__ = ["defense_colours", "plot_arch_heatmap", "plot_budget_curves", "plot_pareto"]
+__all__ = ["defense_colours", "pareto_points", "plot_arch_heatmap", "plot_budget_curves", "plot_pareto"]

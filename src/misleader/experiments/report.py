@@ -221,7 +221,8 @@ def build_report(out: str | Path, *, report_dir: str | Path | None = None, figur
             "fig_arch_heatmap": "Clone accuracy (%) for each attacker (clone) architecture and defense, at the largest "
                                 "budget.",
             "fig_pareto": "Served model's test accuracy against clone accuracy: each defense a point (colour), per "
-                          "attack (marker); the defender wants the upper left.",
+                          "attack (marker); a parameter sweep is one curve ordered by the swept value (markers "
+                          "labelled with it); the defender wants the upper left.",
         }
         for name, path in figs.items():
             lines += [f"![{name}]({path.name})", "", f"_{captions[name]}_", ""]

@@ -16,8 +16,8 @@ A run is executed in a hidden sibling ``.ID.partial`` and renamed to ``ID`` once
 the same command skips every finished run and resumes the partial ones where the APIs support it
 (victim training resumes from ``resume.pt``); nothing finished is ever recomputed or rewritten.
 
-Dependencies: a defense waits for its victim, an attack for its defense (the ``undefended`` defense
-is its victim's folder). The local executor runs them in order (``jobs=1``) or in a process pool,
+Dependencies: a defense waits for its victim (and for its ``base:`` defense, whose folder is passed to
+its builder as ``base=``), an attack for its defense (the ``undefended`` defense is its victim's folder). The local executor runs them in order (``jobs=1``) or in a process pool,
 the Ray executor as Ray tasks with the spec's ``resources`` (see :mod:`misleader.experiments.executors`).
 """
 
@@ -63,9 +63,10 @@ def _summary(stage: str, result: dict[str, Any]) -> dict[str, Any]:
     return {k: result[k] for k in SUMMARY_KEYS.get(stage, ()) if k in result}
 
 
-def _build_defense(name: str, **kwargs: Any) -> dict[str, Any]:
+def _build_defense(name: str, *, base: str | None = None, **kwargs: Any) -> dict[str, Any]:
     """Run the registered builder ``name`` (:data:`misleader.defenses.DEFENSES`) with ``kwargs``; the contract's
-    ``base`` and ``force`` are passed only to builders that declare them."""
+    ``base`` (a folder to wrap; ``None``: the victim) and ``force`` are passed only to builders that declare them
+    (spec validation refuses a ``base:`` for a builder without one)."""
     import inspect
 
     from misleader.defenses import DEFENSES  # noqa: F401  (importing the package registers every defense)
@@ -73,7 +74,9 @@ def _build_defense(name: str, **kwargs: Any) -> dict[str, Any]:
 
     spec = defense_spec(name)
     accepted = inspect.signature(inspect.unwrap(spec.build)).parameters
-    extra = {k: v for k, v in (("base", None), ("force", False)) if k in accepted and k in BUILDER_ARGS}
+    extra = {k: v for k, v in (("base", base), ("force", False)) if k in accepted and k in BUILDER_ARGS}
+    if base is not None and "base" not in extra:
+        raise MisleaderError(f"defense {name!r} cannot wrap another defense (its builder takes no base)")
     return spec(**kwargs, **extra)
 
 
@@ -107,7 +110,9 @@ def _call_api(payload: dict[str, Any], out_dir: Path, root: Path, *, data_dir: s
                             out=out_dir, data_dir=data_dir, seed=cfg["seed"], device=device, recipe=cfg.get("recipe"),
                             batch_size=cfg.get("batch_size"), lr=cfg.get("lr"), split=split)
     if stage == "defense":
+        base = payload["inputs"].get("base")
         return _build_defense(cfg["defense"], victim=str(root / payload["inputs"]["victim"]), out=out_dir,
+                              base=None if base is None else str(root / base),
                               data_dir=data_dir, seed=cfg["seed"], device=device, **cfg.get("settings", {}))
     if stage == "attack":
         from misleader.attacks.harness import run_attack
@@ -321,6 +326,8 @@ def _run_locked(spec: ExperimentSpec, *, out: Path, executor: str, jobs: int, da
         inputs = {}
         if st.stage == "defense":
             inputs["victim"] = by_id[st.parents[0]].folder
+            if len(st.parents) > 1:  # a composed defense: the folder it wraps (built before it)
+                inputs["base"] = by_id[st.parents[1]].folder
         elif st.stage == "attack":
             inputs["target"] = by_id[st.parents[0]].folder
         todo.append(Job(st, {**st.to_dict(), "inputs": inputs}, tuple(d for d in real_deps(st) if status[d] != "finished")))

@@ -21,7 +21,7 @@ std is over attack runs against one trained defense, which is the default (``vic
 
 Top-level keys: ``name``, ``description``, ``dataset`` (a registered name or ``npz:PATH``;
 ``{data_dir}`` in it is replaced by the data folder in use), ``victim`` (``arch``, ``epochs``,
-``recipe``, ``batch_size``, ``lr``, ``split``), ``victim_seeds``, ``defenses`` (``name``, ``label`` and
+``recipe``, ``batch_size``, ``lr``, ``split``), ``victim_seeds``, ``defenses`` (``name``, ``label``, ``base`` and
 the defense's settings, e.g. MISLEADER's ``members``, ``epochs``, ``preset``, ``member_settings``,
 ``batch_size``), ``attacks`` (``name``, ``label``, ``labels`` soft|hard, ``pool``, ``budgets``,
 ``clone_archs``, ``options``, ``eval_every``, ``seeds``), ``clone_archs``, ``budgets`` (default for
@@ -29,6 +29,17 @@ attacks), ``seeds``, ``device``, ``resources`` (per stage: ``num_cpus``, ``num_g
 Budgets may be written ``5000``, ``"100k"``, ``"2M"``.
 
 The ``undefended`` defense is the victim folder itself (nothing is trained).
+
+Sweeps: a defense setting written ``{sweep: [v1, v2, ...]}`` stands for one defense per value (each value
+checked like a plain setting; several swept settings: their cartesian product, keys in sorted order),
+labelled ``LABEL(key=value, ...)`` (``LABEL`` defaults to the name) and carrying ``group`` (``LABEL``) and
+``sweep`` (the key/value pairs) so that the report draws one curve per group. Each point's stage id is the
+id of the same entry written out by hand.
+
+Composition: ``base: LABEL`` names another (expanded) defense of the spec whose folder the builder wraps
+(``base=``); its stage depends on that defense's stage, whose id enters its config (a base that is the
+``undefended`` victim adds nothing: it is the builder's default). Unknown labels, a sweep's group label and
+cycles are refused. Specs without ``sweep``/``base`` keep their stage ids.
 
 Example (the keys; see ``experiments/demo.yaml`` for a complete file)::
 
@@ -90,7 +101,8 @@ class DefenseParams:
     without training anything), else the builder itself (through ``functools.wraps``).
 
     Attributes:
-        keys: settings the builder accepts (``None``: it takes any keyword).
+        keys: settings the builder accepts (``None``: it takes any keyword, e.g. ``post``'s ``op`` and
+            ``**op_params``; its ``check_params`` then refuses the wrong ones).
         required: settings without a default.
         hints: type hints of the settings (checked by :func:`check_value`).
         check: the builder's ``check_params`` (``None``: none).
@@ -126,11 +138,18 @@ def defense_params(name: str) -> DefenseParams:
         log.debug("type hints of the %s builder are not resolvable (%s)", name, exc)
         hints = {}
     return DefenseParams(
-        keys=None if open_ended and not named else frozenset(named),
+        keys=None if open_ended else frozenset(named),  # ``**params``: its check_params (or the builder) judges
         required=frozenset(n for n, p in named.items() if p.default is p.empty),
         hints={k: v for k, v in hints.items() if k in named},
         check=check,
     )
+
+
+def _defense_builder(name: str) -> Callable[..., Any]:
+    from misleader.defenses.base import defense_spec
+
+    _registered_defenses()
+    return defense_spec(name).build
 
 
 def _known_defenses() -> list[str]:
@@ -217,9 +236,24 @@ class VictimSpec:
 
 @dataclass(frozen=True)
 class DefenseSpec:
+    """One (expanded) defense entry of a spec.
+
+    Attributes:
+        name: the registered defense.
+        label: display label (unique in the spec; not part of any stage id).
+        settings: the builder's settings (swept keys hold one value each).
+        group: the entry's own label when it was expanded from a sweep (the report draws one curve per
+            group), else ``None``.
+        sweep: ``((key, value), ...)`` of the swept settings, in key order (empty without a sweep).
+        base: label of the defense whose folder this one wraps (``base=`` of the builder); ``None``: the victim.
+    """
+
     name: str
     label: str
     settings: dict[str, Any] = field(default_factory=dict)
+    group: str | None = None
+    sweep: tuple[tuple[str, Any], ...] = ()
+    base: str | None = None
 
 
 @dataclass(frozen=True)
@@ -477,17 +511,105 @@ def _check_pool(pool: str, *, attack_cls: Any, dataset: str, where: str) -> None
         raise _fail(where, f"unknown pool {pool!r}{hint}; choose one of {', '.join(known)} or npz:PATH")
 
 
+#: keys of a spec's defense entry that are not builder settings
+_ENTRY_KEYS = frozenset({"name", "label", "base"})
+
+
+def _sweep_value(value: Any) -> bool:
+    """Whether a setting is written as a sweep, ``{sweep: [v1, v2, ...]}``."""
+    return isinstance(value, Mapping) and set(value) == {"sweep"}
+
+
+def _fmt_sweep_value(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":")) if isinstance(value, (list, dict)) else str(value)
+
+
+def sweep_label(label: str, sweep: Sequence[tuple[str, Any]]) -> str:
+    """The label of one point of a sweep.
+
+    Example:
+        >>> sweep_label("randp", [("epsilon", 0.1)])
+        'randp(epsilon=0.1)'
+        >>> sweep_label("rs", [("beta", 0.7), ("gamma", 0.4)])
+        'rs(beta=0.7, gamma=0.4)'
+    """
+    return f"{label}({', '.join(f'{k}={_fmt_sweep_value(v)}' for k, v in sweep)})"
+
+
+def _expand_sweeps(d: dict[str, Any], where: str) -> list[tuple[dict[str, Any], tuple[tuple[str, Any], ...]]]:
+    """The entries a defense entry stands for: one per point of the cartesian product of its swept settings
+    (key order, then the values' order as written), each with its ``((key, value), ...)``; ``[(d, ())]``
+    without a sweep."""
+    import itertools
+
+    keys = sorted(k for k, v in d.items() if k not in _ENTRY_KEYS and _sweep_value(v))
+    if not keys:
+        return [(d, ())]
+    values = []
+    for k in keys:
+        vals = d[k]["sweep"]
+        if not isinstance(vals, (list, tuple)) or not vals:
+            raise _fail(f"{where}.{k}.sweep", f"expected a non-empty list of values, got {vals!r}")
+        if any(_sweep_value(v) for v in vals):
+            raise _fail(f"{where}.{k}.sweep", "a sweep value cannot itself be a sweep")
+        if len({canonical_json(v) for v in vals}) != len(vals):
+            raise _fail(f"{where}.{k}.sweep", f"has repeated values {list(vals)}")
+        values.append(list(vals))
+    return [({**d, **dict(zip(keys, point))}, tuple(zip(keys, point))) for point in itertools.product(*values)]
+
+
+def _check_bases(defenses: list[DefenseSpec], *, where: dict[str, str]) -> None:
+    """Every ``base:`` names another defense of the spec, and following bases never loops back."""
+    by_label = {d.label: d for d in defenses}
+    groups = {d.group for d in defenses if d.group is not None and d.group not in by_label}
+    for d in defenses:
+        if d.base is None:
+            continue
+        w = f"{where[d.label]}.base"
+        if d.base in groups:
+            members = ", ".join(x.label for x in defenses if x.group == d.base)
+            raise _fail(w, f"{d.base!r} is a sweep; name one of its defenses ({members})")
+        if d.base not in by_label:
+            close = difflib.get_close_matches(d.base, list(by_label), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise _fail(w, f"unknown defense label {d.base!r}{hint}; choose one of {', '.join(by_label)}")
+        chain, cur = [d.label], d
+        while cur.base is not None:
+            cur = by_label[cur.base]
+            if cur.label in chain:
+                loop = " -> ".join([*chain[chain.index(cur.label):], cur.label])
+                raise _fail(w, f"the bases form a cycle ({loop}): one defense must wrap the victim")
+            chain.append(cur.label)
+
+
+def base_order(defenses: Sequence[DefenseSpec]) -> list[DefenseSpec]:
+    """``defenses`` with every base before the defenses that wrap it (otherwise in the spec's order)."""
+    by_label = {d.label: d for d in defenses}
+    done: dict[str, DefenseSpec] = {}
+
+    def visit(d: DefenseSpec) -> None:
+        if d.label in done:
+            return
+        if d.base is not None:
+            visit(by_label[d.base])
+        done[d.label] = d
+
+    for d in defenses:
+        visit(d)
+    return list(done.values())
+
+
 def _defense_settings(dname: str, d: dict[str, Any], where: str) -> dict[str, Any]:
     """The settings of a spec's defense entry, checked against the registered builder (keys, types, its
     ``check_params``)."""
     params = defense_params(dname)
     if params.keys is not None:
-        _check_keys(d, params.keys | {"name", "label"}, where)
+        _check_keys(d, params.keys | _ENTRY_KEYS, where)
     missing = sorted(params.required - set(d))
     if missing:
         raise _fail(where, f"defense {dname!r} needs {', '.join(missing)}")
     settings = {}
-    for k in sorted(set(d) - {"name", "label"}):
+    for k in sorted(set(d) - _ENTRY_KEYS):
         if d[k] is None:
             continue
         settings[k] = check_value(d[k], params.hints[k], f"{where}.{k}") if k in params.hints else d[k]
@@ -597,16 +719,26 @@ def parse_spec(obj: Any, *, source: str = "spec") -> ExperimentSpec:
 
     # defenses
     defenses: list[DefenseSpec] = []
+    placed: list[tuple[str, str]] = []  # (where its entry is, expanded label): error messages
     for i, d in enumerate(_list(top["defenses"], f"{source}: defenses", allow_scalar=False)):
         w = f"{source}: defenses[{i}]"
         d = {"name": d} if isinstance(d, str) else _mapping(d, w)
         dname = _registered_name(d, w, known=_known_defenses(), kind="defense")
-        settings = {} if dname == UNDEFENDED else _defense_settings(dname, d, w)
         if dname == UNDEFENDED:
             _check_keys(d, {"name", "label"}, w)
         label = _str(d.get("label", dname), f"{w}.label")
-        defenses.append(DefenseSpec(name=dname, label=label, settings=settings))
-    _unique_labels(((f"{source}: defenses[{i}]", d.label) for i, d in enumerate(defenses)), "defense")
+        base = None if d.get("base") is None else _str(d["base"], f"{w}.base")
+        if base is not None and "base" not in inspect.signature(inspect.unwrap(_defense_builder(dname))).parameters:
+            raise _fail(f"{w}.base", f"defense {dname!r} cannot wrap another defense: remove `base:`")
+        points = _expand_sweeps(d, w)
+        for point, sweep in points:
+            settings = {} if dname == UNDEFENDED else _defense_settings(dname, point, w)
+            plabel = sweep_label(label, sweep) if sweep else label
+            defenses.append(DefenseSpec(name=dname, label=plabel, settings=settings, base=base,
+                                        group=label if sweep else None, sweep=sweep))
+            placed.append((w, plabel))
+    _unique_labels(placed, "defense")
+    _check_bases(defenses, where=dict((lab, w) for w, lab in placed))
 
     clone_archs = tuple(_arch(a, f"{source}: clone_archs[{j}]")
                         for j, a in enumerate(_list(top.get("clone_archs", [victim.arch]), f"{source}: clone_archs")))
@@ -755,19 +887,32 @@ def expand(spec: ExperimentSpec) -> list[Stage]:
         add(victims[vseed], f"victim (seed {vseed})")
 
     defense_stages: list[tuple[DefenseSpec, Stage]] = []
+    index = {d.label: i for i, d in enumerate(spec.defenses)}
     for vseed, vst in victims.items():
-        for i, d in enumerate(spec.defenses):
-            cfg = _drop_none({"defense": d.name, "settings": d.settings, "seed": vseed, "victim": vst.id})
+        by_label: dict[str, Stage] = {}
+        for d in base_order(spec.defenses):  # a base before the defenses that wrap it
+            i = index[d.label]
+            bst = None if d.base is None else by_label[d.base]
+            if bst is not None and bst.virtual:  # wrapping the undefended victim is wrapping the victim
+                bst = None
+            cfg = _drop_none({"defense": d.name, "settings": d.settings, "seed": vseed, "victim": vst.id,
+                              "base": None if bst is None else bst.id})
             if d.name == UNDEFENDED:
                 cfg = {"defense": "undefended", "victim": vst.id}
             did = stage_id(f"{d.name}-s{vseed}", cfg)
-            arch = "+".join(d.settings.get("members", [])) or spec.victim.arch
+            arch = "+".join(d.settings.get("members", [])) or (bst.meta["defense_arch"] if bst else spec.victim.arch)
             meta = {**vst.meta, "defense": d.name, "defense_label": d.label, "defense_id": did, "defense_arch": arch}
+            if d.group is not None:
+                meta.update(defense_group=d.group, defense_sweep={k: v for k, v in d.sweep})
+            if d.base is not None:
+                meta["defense_base"] = d.base
             virtual = d.name == UNDEFENDED
             folder = vst.folder if virtual else f"defenses/{did}"
-            st = Stage("defense", did, cfg, meta, (vst.id,), folder, virtual=virtual,
+            parents = (vst.id,) if bst is None else (vst.id, bst.id)
+            st = Stage("defense", did, cfg, meta, parents, folder, virtual=virtual,
                        resources=spec.resources_for("defense"))
-            add(st, f"defenses[{i}] (victim seed {vseed})")
+            add(st, f"defenses[{i}] {d.label} (victim seed {vseed})")
+            by_label[d.label] = st
             defense_stages.append((d, st))
 
     for _, dst in defense_stages:
@@ -796,5 +941,6 @@ def spec_to_yaml(spec: ExperimentSpec) -> str:
 __all__ = [
     "AttackSpec", "BUILDER_ARGS", "DefenseParams", "DefenseSpec", "ExperimentSpec", "LABEL_OUTPUTS", "Resources",
     "STAGES", "STAGE_DIRS", "Stage", "VictimSpec", "canonical_json", "config_hash", "expand", "load_spec",
-    "UNDEFENDED", "check_value", "defense_params", "parse_budget", "parse_spec", "spec_to_yaml", "stage_id",
+    "UNDEFENDED", "base_order", "check_value", "defense_params", "parse_budget", "parse_spec", "spec_to_yaml",
+    "stage_id", "sweep_label",
 ]
