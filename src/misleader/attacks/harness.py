@@ -76,7 +76,7 @@ def run_attack(
     data_dir: str | Path | None = None,
     seed: int = 0,
     device: str = "auto",
-    labels: str = "soft",
+    labels: str | None = None,
     pool: str | None = None,
     options: dict | None = None,
     eval_every: int | None = None,
@@ -97,7 +97,8 @@ def run_attack(
         data_dir: dataset root (default ``$MISLEADER_DATA`` or ``./data``).
         seed: seeds everything (clone init, pool sampling, training order).
         device: ``auto``, ``cpu`` or ``cuda``.
-        labels: ``soft`` (the oracle answers probabilities) or ``hard`` (top-1 labels only).
+        labels: ``soft`` (the oracle answers probabilities) or ``hard`` (top-1 labels only); ``None``: soft
+            where the attack can use probabilities, else hard.
         pool: attacker data for pool-based attacks (:func:`misleader.attacks.pools.load_pool` spec);
             default: the attack's :meth:`~misleader.attacks.base.Attack.choose_pool`.
         options: the attack's constructor keyword arguments (e.g. ``{"strategy": "adaptive"}``).
@@ -125,12 +126,14 @@ def run_attack(
     from misleader.training.evaluate import predict_probs, query_all
     from misleader.training.victim import load_target_data
 
-    if labels not in LABEL_MODES:
+    if labels is not None and labels not in LABEL_MODES:
         raise MisleaderError(f"labels must be soft or hard, got {labels!r}")
     if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
         raise MisleaderError(f"budget must be an integer >= 1, got {budget!r}")
     out = check_out_dir(out)
     attack = make_attack(name, options)
+    if labels is None:  # the attack's own mode: soft where it can use probabilities
+        labels = "soft" if LABEL_MODES["soft"] in attack.requires else "hard"
     output = LABEL_MODES[labels]
     if output not in attack.requires:
         ok = " or ".join(k for k, v in LABEL_MODES.items() if v in attack.requires)

@@ -54,8 +54,9 @@ def add_parser(sub) -> None:  # noqa: ANN001
     p.add_argument("--pool", default=None,
                    help="attacker data for knockoff / dfms-hl: attacker (the target's in-distribution attacker split, "
                         "knockoff's default), a dataset name (e.g. fashion-mnist), cifar10-subset, or npz:PATH")
-    p.add_argument("--labels", choices=["soft", "hard"], default="soft",
-                   help="soft: the API answers probabilities; hard: top-1 labels only (default soft)")
+    p.add_argument("--labels", choices=["soft", "hard"], default=None,
+                   help="soft: the API answers probabilities; hard: top-1 labels only (default: soft where the "
+                        "attack can use probabilities, else hard, e.g. dfms-hl)")
     p.add_argument("-o", "--option", type=parse_option, action="append", default=[], metavar="KEY=VALUE",
                    help="attack option (repeatable), e.g. -o strategy=adaptive -o reward=all -o epochs=20")
     p.add_argument("--eval-every", type=positive_int, default=None,
@@ -75,5 +76,8 @@ def run(args: argparse.Namespace) -> int:
     keys = ("attack", "labels", "pool", "target_kind", "clone_accuracy", "clone_accuracy_best", "fidelity",
             "queries_used", "budget", "target_test_accuracy", "victim_test_accuracy", "seconds", "pow_seconds",
             "pow_bits", "pow")
-    print(json.dumps({k: result[k] for k in keys if k in result}, indent=2))
+    summary = {k: result[k] for k in keys if k in result}
+    if "pow" in summary:  # the per-step trace stays in result.json
+        summary["pow"] = {k: v for k, v in summary["pow"].items() if k != "trace"}
+    print(json.dumps(summary, indent=2))
     return 0
