@@ -13,7 +13,7 @@ from misleader import __version__
 from misleader.errors import MisleaderError
 
 #: subcommand modules under misleader.commands, in --help order
-COMMANDS = ["train_victim", "defend", "attack", "run", "report", "demo", "models", "pow"]
+COMMANDS = ["train_victim", "defend", "attack", "run", "report", "demo", "models", "pow", "detect"]
 
 
 def build_parser() -> argparse.ArgumentParser:

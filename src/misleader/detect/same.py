@@ -71,9 +71,13 @@ class SamePreset:
     aux_lr: float = 0.05
 
 
-#: ``mnist-cpu``: minutes on 2 CPU cores; ``paper``: the reference's CIFAR-10 setting (patch 2, width 192,
+#: ``tiny``: seconds (tests, smoke runs); ``mnist-cpu``: minutes on 2 CPU cores; ``paper``: the reference's CIFAR-10 setting (patch 2, width 192,
 #: 12 x 3-head encoder, 4-block decoder, 500 epochs with 50 warm-up, AdamW lr 0.01; aux 80 epochs).
 PRESETS: dict[str, SamePreset] = {
+    "tiny": SamePreset(
+        mae=MAEConfig(in_channels=1, image_size=32, patch=8, dim=32, depth=1, heads=2, dec_dim=32, dec_depth=1,
+                      dec_heads=2, mlp_ratio=2.0),
+        train=MAETrainConfig(epochs=1, batch_size=64, lr=2e-3, warmup_epochs=1), aux_epochs=1),
     "mnist-cpu": SamePreset(
         mae=MAEConfig(in_channels=1, image_size=32, patch=4, dim=64, depth=2, heads=4, dec_dim=64, dec_depth=1,
                       dec_heads=4, mlp_ratio=2.0),
