@@ -81,9 +81,9 @@ PRESETS: dict[str, SamePreset] = {
     "mnist-cpu": SamePreset(
         mae=MAEConfig(in_channels=1, image_size=32, patch=4, dim=64, depth=2, heads=4, dec_dim=64, dec_depth=1,
                       dec_heads=4, mlp_ratio=2.0),
-        train=MAETrainConfig(epochs=4, batch_size=128, lr=2e-3, weight_decay=0.05, warmup_epochs=1, mask_ratio=0.75,
+        train=MAETrainConfig(epochs=3, batch_size=128, lr=2e-3, weight_decay=0.05, warmup_epochs=1, mask_ratio=0.75,
                              loss="all"),
-        aux_epochs=3, aux_views=1, aux_lr=0.05),
+        aux_epochs=2, aux_views=1, aux_lr=0.05),
     "paper": SamePreset(
         mae=MAEConfig(in_channels=3, image_size=32, patch=2, dim=192, depth=12, heads=3, dec_dim=192, dec_depth=4,
                       dec_heads=3, mlp_ratio=4.0),
