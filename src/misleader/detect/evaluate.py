@@ -46,6 +46,10 @@ STREAMS: dict[str, dict[str, Any]] = {
 }
 
 
+#: weightings of the score's two terms reported next to the detector's own (diagnostic, never used to choose)
+ALPHA_SWEEP = (0.0, 0.1, 0.5, 0.9, 0.99, 1.0)
+
+
 # --------------------------------------------------------------------------- metrics
 
 
@@ -192,7 +196,7 @@ def evaluate_detector(*, detector: str | Path, target: str | Path, streams: Sequ
         sample: score a uniform sample of this many queries of longer streams.
     """
     from misleader.data.loader import to_unit
-    from misleader.detect.same import load_detector, score_u8
+    from misleader.detect.same import load_detector
     from misleader.oracle.manifest import read_target
     from misleader.training.victim import load_target_data
     from misleader.utils import resolve_device, write_json
@@ -203,7 +207,8 @@ def evaluate_detector(*, detector: str | Path, target: str | Path, streams: Sequ
         raise MisleaderError(f"{detector}: the detector has no calibrated threshold: re-create it")
     meta = read_target(target).meta
     data, _ = load_target_data(meta, data_dir=data_dir)
-    benign_all = score_u8(det, data.x_test)
+    b1, b2 = (torch.cat(t) for t in zip(*(det.parts(to_unit(xb)) for xb in data.x_test.split(4096))))
+    benign_all = (det.alpha * b1 + (1 - det.alpha) * b2).float()
     x_time = to_unit(data.x_test[:1000])
     timing = {"score_s_per_1000": seconds_per_1000(det.score, x_time),
               "victim_s_per_1000": seconds_per_1000(lambda x: det.victim(x.to(dev)), x_time),
@@ -213,13 +218,19 @@ def evaluate_detector(*, detector: str | Path, target: str | Path, streams: Sequ
         b = int((budgets or {}).get(name, budget))
         rec = record_stream(name, target=target, budget=b, data_dir=data_dir, seed=seed, device=str(dev),
                             sample=sample if b > sample else None)
-        scores = det.score(rec["rows"]) if len(rec["rows"]) else torch.zeros(0)
+        s1, s2 = det.parts(rec["rows"]) if len(rec["rows"]) else (torch.zeros(0), torch.zeros(0))
+        scores = (det.alpha * s1 + (1 - det.alpha) * s2).float()
         g = torch.Generator().manual_seed(seed + 2)
-        neg = benign_all[torch.randperm(len(benign_all), generator=g)[:len(scores)]]
+        pick = torch.randperm(len(benign_all), generator=g)[:len(scores)]
+        neg = benign_all[pick]
+        # diagnostic only (alpha is fixed before any attack is seen): AUROC of other weightings of the two terms
+        by_alpha = {str(a): roc_metrics(a * s1 + (1 - a) * s2, a * b1[pick] + (1 - a) * b2[pick])["auroc"]
+                    for a in ALPHA_SWEEP} if len(scores) else {}
         row = {"queries_used": rec["queries_used"], "scored": int(len(scores)), "attack": rec["attack"],
                "pool": rec["pool"], "labels": rec["labels"], "options": rec["options"],
                "attack_seconds": rec["seconds"], "attack_mean_score": float(scores.mean()) if len(scores) else None,
-               **roc_metrics(scores, neg), **flag_metrics(scores, rec["positions"], threshold=det.threshold)}
+               **roc_metrics(scores, neg), **flag_metrics(scores, rec["positions"], threshold=det.threshold),
+               "auroc_by_alpha": by_alpha}
         rows[name] = row
         log.info("%s: AUROC %.4f AUPR %.4f FPR@95 %.4f flagged %.3f first %s", name, row["auroc"], row["aupr"],
                  row["fpr_at_95_tpr"], row["flagged_fraction"], row["first_flag"])
