@@ -13,7 +13,8 @@ from misleader import __version__
 from misleader.errors import MisleaderError
 
 #: subcommand modules under misleader.commands, in --help order
-COMMANDS = ["train_victim", "defend", "attack", "run", "report", "demo", "models", "pow", "serve", "keys", "query"]
+COMMANDS = ["train_victim", "defend", "attack", "run", "report", "demo", "models", "pow", "detect", "serve", "keys",
+            "query"]
 
 
 def build_parser() -> argparse.ArgumentParser:

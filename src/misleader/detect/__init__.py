@@ -1,0 +1,1 @@
+"""Extraction-query detectors (SAME: masked-autoencoder reconstruction + auxiliary classifier)."""
