@@ -123,3 +123,36 @@ def test_folder_members_share_pi_and_pi_is_not_served(tiny_victim, tmp_path):
          **spec.test_params)
     perm2 = json.loads((out2 / "plan.json").read_text())["configs"][0]["decoy"]["perm"]
     assert is_derangement(perm2)
+
+
+def test_select_candidate_rule():
+    from misleader.defenses.misleader.decoy_select import select_candidate
+
+    s = [{"target": "a", "val_accuracy": 0.99, "heldout_clone_val_accuracy": 0.9},
+         {"target": "b", "val_accuracy": 0.985, "heldout_clone_val_accuracy": 0.1},
+         {"target": "c", "val_accuracy": 0.95, "heldout_clone_val_accuracy": 0.05}]
+    assert select_candidate(s, victim_val_accuracy=0.99, tolerance=0.006)["target"] == "b"
+    assert select_candidate(s, victim_val_accuracy=0.99, tolerance=0.001)["target"] == "a"
+    assert select_candidate(s, victim_val_accuracy=0.999, tolerance=0.001)["target"] == "a"  # none qualifies
+
+
+def test_select_scores_on_validation_with_the_defenders_own_dfme(tiny_victim, tmp_path, monkeypatch):
+    """Scoring never touches the test split: the loaded data's test images are poisoned and nothing changes."""
+    from misleader.defenses.misleader import decoy_select
+    from misleader.training import victim as victim_mod
+
+    real = victim_mod.load_target_data
+
+    def no_test(meta, *, data_dir=None):
+        data, splits = real(meta, data_dir=data_dir)
+        data.x_test.fill_(0)
+        data.y_test.fill_(-1)
+        return data, splits
+
+    monkeypatch.setattr(victim_mod, "load_target_data", no_test)
+    res = decoy_select.select([tiny_victim], victim=tiny_victim, queries=28 * 3,
+                              dfme_options={"batch_size": 4, "nz": 8, "ngf": 4})
+    sc = res["scores"][0]
+    assert res["chosen"] == str(tiny_victim) and sc["queries"] == 84
+    assert sc["val_accuracy"] == pytest.approx(res["victim_val_accuracy"])
+    assert 0 <= sc["heldout_clone_val_accuracy"] <= 1 and sc["seed"] >= decoy_select.DEFENDER_SEED
