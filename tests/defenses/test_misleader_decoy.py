@@ -156,3 +156,11 @@ def test_select_scores_on_validation_with_the_defenders_own_dfme(tiny_victim, tm
     assert res["chosen"] == str(tiny_victim) and sc["queries"] == 84
     assert sc["val_accuracy"] == pytest.approx(res["victim_val_accuracy"])
     assert 0 <= sc["heldout_clone_val_accuracy"] <= 1 and sc["seed"] >= decoy_select.DEFENDER_SEED
+
+
+def test_adversarial_generator_option_trains_and_needs_the_clone():
+    r, _, _ = train_tiny(tiny_cfg(lam=0.5, decoy=_decoy(adversarial=True, adv_batch=8, adv_ngf=4, adv_nz=8)))
+    row = r.history[0]
+    assert row["decoy_adv_kl"] > 0 and row["adv_disagreement"] >= 0 and row["decoy_kl"] > 0
+    with pytest.raises(MisleaderError, match="inner clone"):
+        train_tiny(tiny_cfg(lam=0.0, decoy=_decoy(adversarial=True)))

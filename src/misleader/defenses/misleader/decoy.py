@@ -26,8 +26,12 @@ does not contain them. If ``pi`` leaks, the protection is gone (an attacker rela
 
 Deviations from the prototype in the audit:
     * The bank is made once per member from the same seed (identical in every member) and never refreshed.
-    * The proposal-2 generator (trained inside defense training to find inputs where the inner clone
-      and the member disagree) is not implemented.
+
+Option ``adversarial`` (the audit's proposal 2): a generator (DFME's GeneratorA, small) trained *inside*
+defense training, one Adam step per batch, to maximise ``KL(d(G(z)) || s(G(z)))`` between the member and
+its inner clone (exact gradients: the defender owns both), with the decoy target on its images
+(``mu * KL(q(G(z)) || d(G(z)))``, the victim queried on them). It needs the inner clone (``lambda > 0``).
+Not measured at MNIST scale yet.
 """
 
 from __future__ import annotations
@@ -79,6 +83,8 @@ class DecoyConfig:
         mappings: ``[center, scale]`` pixel mappings ``clamp(center + scale * x_tanh, 0, 1)``, cycled over
             each generator's images.
         bank_batch: bank images per training step (``None``: the member's batch size).
+        adversarial: also train a disagreement-seeking generator inside training (module docstring).
+        adv_batch, adv_lr, adv_ngf, adv_nz: its batch per step, Adam learning rate, width and latent size.
     """
 
     perm: tuple[int, ...]
@@ -90,6 +96,11 @@ class DecoyConfig:
     ngf: int = 32
     mappings: tuple[tuple[float, float], ...] = ((0.5, 0.5),)
     bank_batch: int | None = None
+    adversarial: bool = False
+    adv_batch: int = 64
+    adv_lr: float = 1e-3
+    adv_ngf: int = 16
+    adv_nz: int = 64
 
     def __post_init__(self) -> None:
         problems = []
@@ -104,6 +115,9 @@ class DecoyConfig:
             problems.append(f"families must be a non-empty subset of {', '.join(FAMILIES)}, got {list(self.families)}")
         if not self.mappings or any(len(m) != 2 or not m[1] > 0 for m in self.mappings):
             problems.append(f"mappings must be [center, scale > 0] pairs, got {self.mappings}")
+        if self.adv_batch < 1 or self.adv_ngf < 1 or self.adv_nz < 1 or not self.adv_lr > 0:
+            problems.append(f"adv_batch, adv_ngf, adv_nz and adv_lr must be > 0, got {self.adv_batch}, "
+                            f"{self.adv_ngf}, {self.adv_nz}, {self.adv_lr}")
         if self.bank_batch is not None and self.bank_batch < 1:
             problems.append(f"bank_batch must be >= 1, got {self.bank_batch}")
         if problems:
@@ -191,10 +205,39 @@ def decoy_trainer_class():
         """A :class:`~misleader.defenses.misleader.trainer.MemberTrainer` whose defense loss adds the decoy term."""
 
         def __init__(self, *, decoy: DecoyConfig, bank: torch.Tensor, targets: torch.Tensor,
-                     generator: torch.Generator, **kwargs: Any) -> None:
+                     generator: torch.Generator, teacher: nn.Module | None = None, image_shape: Sequence[int] = (),
+                     **kwargs: Any) -> None:
             super().__init__(**kwargs)
             self.decoy, self.bank, self.targets, self.bank_gen = decoy, bank, targets, generator
             self.bank_batch = decoy.bank_batch or self.config.batch_size
+            self.teacher, self.adv, self.opt_g = teacher, None, None
+            if decoy.adversarial:
+                if self.clone is None or teacher is None:
+                    raise MisleaderError("decoy adversarial=True needs the inner clone (lambda > 0) and the victim")
+                from misleader.models.generators import GeneratorA
+
+                c, h = int(image_shape[0]), int(image_shape[1])
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(derive_seed(generator))
+                    self.adv = GeneratorA(nz=decoy.adv_nz, ngf=decoy.adv_ngf, img_size=h, nc=c).to(self.device)
+                self.opt_g = torch.optim.Adam(self.adv.parameters(), lr=decoy.adv_lr)
+
+        def _adversarial_images(self) -> torch.Tensor:
+            """One generator step towards member/clone disagreement; returns fresh images (detached, in [0, 1])."""
+            from misleader.defenses.misleader.losses import attacker_term
+            from misleader.models.generators import tanh_to_unit
+
+            z = torch.randn(self.decoy.adv_batch, self.decoy.adv_nz, generator=self.bank_gen).to(self.device)
+            self.adv.train()
+            x = tanh_to_unit(self.adv(z))
+            dis = attacker_term(self.defense(x), self.clone(x))
+            grads = torch.autograd.grad(-dis, list(self.adv.parameters()))
+            for p, g in zip(self.adv.parameters(), grads):
+                p.grad = g
+            self.opt_g.step()
+            self.last_disagreement = float(dis.detach())
+            with torch.no_grad():
+                return tanh_to_unit(self.adv(z)).clamp(0, 1)
 
         def extra_loss(self) -> tuple[torch.Tensor, dict[str, torch.Tensor]] | None:
             if self.decoy.mu == 0:
@@ -205,14 +248,29 @@ def decoy_trainer_class():
             with self._amp():
                 d_b = self.defense(self.bank[idx])
             kl = decoy_loss(d_b, self.targets[idx])
-            return self.decoy.mu * kl, {"decoy_kl": kl.detach()}
+            loss, rows = self.decoy.mu * kl, {"decoy_kl": kl.detach()}
+            if self.adv is not None:
+                x_adv = self._adversarial_images()
+                q_adv = decoy_targets(self.teacher, x_adv, self.decoy.perm)
+                with self._amp():
+                    d_adv = self.defense(x_adv)
+                kl_adv = decoy_loss(d_adv, q_adv)
+                loss = loss + self.decoy.mu * kl_adv
+                rows.update(decoy_adv_kl=kl_adv.detach(), adv_disagreement=torch.tensor(self.last_disagreement))
+            return loss, rows
 
         def state_dict(self) -> dict[str, Any]:
-            return {**super().state_dict(), "bank_gen": self.bank_gen.get_state()}
+            st = {**super().state_dict(), "bank_gen": self.bank_gen.get_state()}
+            if self.adv is not None:
+                st.update(adv=self.adv.state_dict(), opt_g=self.opt_g.state_dict())
+            return st
 
         def load_state_dict(self, st: Mapping[str, Any]) -> None:
             super().load_state_dict(st)
             self.bank_gen.set_state(st["bank_gen"])
+            if self.adv is not None:
+                self.adv.load_state_dict(st["adv"])
+                self.opt_g.load_state_dict(st["opt_g"])
 
     return DecoyMemberTrainer
 
@@ -229,7 +287,8 @@ def make_decoy_trainer(*, decoy: Mapping[str, Any], teacher: nn.Module, input_sh
         targets = decoy_targets(teacher.to(device), bank, cfg.perm)
     log.info("decoy bank: %d images from %d random generators (%s), mu=%g", len(bank), cfg.generators,
              ",".join(cfg.families), cfg.mu)
-    return decoy_trainer_class()(decoy=cfg, bank=bank, targets=targets, generator=generator, device=device, **kwargs)
+    return decoy_trainer_class()(decoy=cfg, bank=bank, targets=targets, generator=generator, device=device,
+                                 teacher=teacher, image_shape=(c, h, w), **kwargs)
 
 
 __all__ = ["DecoyConfig", "FAMILIES", "decoy_loss", "decoy_targets", "decoy_trainer_class", "is_derangement",

@@ -296,8 +296,7 @@ class _MemberTask:
         row = {"val_accuracy": val_acc, "clone_val_accuracy": clone_val, "kd_loss": means.get("kd_loss"),
                "attacker_kl": means.get("attacker_kl"), "clone_kl": means.get("clone_kl"), "loss": means.get("loss"),
                "lr": trainer.opt_d.param_groups[0]["lr"]}
-        if "decoy_kl" in means:
-            row["decoy_kl"] = means["decoy_kl"]
+        row.update({k: v for k, v in means.items() if k not in row})  # a variant's extra terms (none by default)
         return row
 
     def snapshot(self) -> dict[str, Any]:
