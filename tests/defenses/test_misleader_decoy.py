@@ -164,3 +164,17 @@ def test_adversarial_generator_option_trains_and_needs_the_clone():
     assert row["decoy_adv_kl"] > 0 and row["adv_disagreement"] >= 0 and row["decoy_kl"] > 0
     with pytest.raises(MisleaderError, match="inner clone"):
         train_tiny(tiny_cfg(lam=0.0, decoy=_decoy(adversarial=True)))
+
+
+def test_spec_validation_accepts_the_decoy_defense_and_rejects_bad_settings(tmp_path):
+    from misleader.experiments.spec import load_spec
+
+    good = ("name: t\ndataset: digits\nvictim: {arch: lenet5_fifth, epochs: 1}\n"
+            "defenses:\n  - {name: misleader-decoy, members: [lenet5_fifth], epochs: 1, mu: 0.5, adversarial: true}\n"
+            "attacks:\n  - {name: dfme-seeded, budgets: [1k], options: {preset: cpu, seeds: 10}}\n"
+            "clone_archs: [lenet5_fifth]\nseeds: [0]\n")
+    (tmp_path / "a.yaml").write_text(good)
+    load_spec(tmp_path / "a.yaml")
+    (tmp_path / "b.yaml").write_text(good.replace("mu: 0.5", "mu: -1"))
+    with pytest.raises(MisleaderError, match="mu"):
+        load_spec(tmp_path / "b.yaml")

@@ -35,6 +35,9 @@ def add_arguments(m: argparse.ArgumentParser) -> None:
                    help="randomly initialised generators making the bank (default 80)")
     m.add_argument("--bank-families", type=_csv, default=None,
                    help="generator families of the bank, comma-separated (default generator_a,dcgan)")
+    m.add_argument("--adversarial", action="store_true",
+                   help="also train a generator inside training towards member/clone disagreement, with the decoy "
+                        "target on its images (needs lambda > 0)")
 
 
 def params_from_args(args: argparse.Namespace) -> dict[str, Any]:
@@ -42,13 +45,14 @@ def params_from_args(args: argparse.Namespace) -> dict[str, Any]:
     p = _misleader_params(args)
     if p.pop("member_of", None) is not None:
         raise MisleaderError("misleader-decoy trains its members in one call: leave out --member-of")
-    p.update(mu=args.mu, bank_size=args.bank_size, generators=args.bank_generators, families=args.bank_families)
+    p.update(mu=args.mu, bank_size=args.bank_size, generators=args.bank_generators, families=args.bank_families,
+             adversarial=True if args.adversarial else None)
     return {k: v for k, v in p.items() if v is not None}
 
 
 def decoy_settings(*, victim_meta: dict[str, Any], seed: int, mu: float, bank_size: int | None = None,
                    generators: int | None = None, families: Sequence[str] | None = None,
-                   bank_batch: int | None = None) -> dict[str, Any]:
+                   bank_batch: int | None = None, adversarial: bool | None = None) -> dict[str, Any]:
     """One member's decoy dict: the derangement and bank seed drawn from ``seed`` (the same for every member)."""
     from misleader.defenses.misleader.folder import member_seed
     from misleader.utils import make_generator
@@ -62,7 +66,7 @@ def decoy_settings(*, victim_meta: dict[str, Any], seed: int, mu: float, bank_si
     d: dict[str, Any] = {"perm": perm, "mu": float(mu), "bank_seed": member_seed(seed, "decoy-bank"),
                          "mappings": mappings}
     for key, value in (("bank_size", bank_size), ("generators", generators), ("bank_batch", bank_batch),
-                       ("families", list(families) if families is not None else None)):
+                       ("families", list(families) if families is not None else None), ("adversarial", adversarial)):
         if value is not None:
             d[key] = value
     return DecoyConfig.from_dict(d).to_dict()
@@ -71,7 +75,7 @@ def decoy_settings(*, victim_meta: dict[str, Any], seed: int, mu: float, bank_si
 def build(*, victim: Any, base: Any = None, out: Any, seed: int = 0, force: bool = False,
           members: Sequence[str] | None = None, epochs: int | None = None, preset: str | None = None,
           mu: float | Sequence[float] | None = None, bank_size: int | None = None, generators: int | None = None,
-          families: Sequence[str] | None = None, bank_batch: int | None = None,
+          families: Sequence[str] | None = None, bank_batch: int | None = None, adversarial: bool | None = None,
           member_settings: Sequence[dict] | None = None, **kwargs: Any) -> dict[str, Any]:
     """Train the decoy ensemble with :func:`~misleader.defenses.misleader.defend_misleader`; returns its result.json.
 
@@ -96,7 +100,8 @@ def build(*, victim: Any, base: Any = None, out: Any, seed: int = 0, force: bool
         raise MisleaderError(f"member_settings has {len(settings)} entries for {n} members: give one per member")
     for s, m in zip(settings, mus):
         s["decoy"] = decoy_settings(victim_meta=vmeta, seed=seed, mu=1.0 if m is None else m, bank_size=bank_size,
-                                    generators=generators, families=families, bank_batch=bank_batch)
+                                    generators=generators, families=families, bank_batch=bank_batch,
+                                    adversarial=adversarial)
     return defend_misleader(victim=victim, base=base, out=out, seed=seed, force=force, members=members, epochs=epochs,
                             preset=preset, member_settings=settings, **kwargs)
 
@@ -104,8 +109,8 @@ def build(*, victim: Any, base: Any = None, out: Any, seed: int = 0, force: bool
 def check_params(*, members: Sequence[str] | None = None, epochs: int | None = None, preset: str | None = None,
                  mu: float | Sequence[float] | None = None, bank_size: int | None = None,
                  generators: int | None = None, families: Sequence[str] | None = None,
-                 bank_batch: int | None = None, member_settings: Sequence[dict] | None = None,
-                 batch_size: int | None = None) -> None:
+                 bank_batch: int | None = None, adversarial: bool | None = None,
+                 member_settings: Sequence[dict] | None = None, batch_size: int | None = None) -> None:
     """Validate the spec settings without training (the decoy settings with a placeholder derangement)."""
     from misleader.defenses.misleader_cli import check_params as misleader_check
 
@@ -115,7 +120,7 @@ def check_params(*, members: Sequence[str] | None = None, epochs: int | None = N
     for m in ([mu] if isinstance(mu, (int, float)) or mu is None else list(mu)):
         d: dict[str, Any] = {"perm": [1, 0], "mu": 1.0 if m is None else m}
         for key, value in (("bank_size", bank_size), ("generators", generators), ("bank_batch", bank_batch),
-                           ("families", families)):
+                           ("families", families), ("adversarial", adversarial)):
             if value is not None:
                 d[key] = value
         DecoyConfig.from_dict(d)
