@@ -87,6 +87,8 @@ class MemberConfig:
             reference's ``max(5, epochs // 2)``; 0: never stop early).
         amp: mixed precision on CUDA.
         cache_teacher: cache the victim's logits when the clean batches are not augmented.
+        decoy: the decoy variant's settings (:class:`~misleader.defenses.misleader.decoy.DecoyConfig` as a dict;
+            empty: the faithful MISLEADER, and then absent from :meth:`to_dict`, so fingerprints are unchanged).
     """
 
     arch: str
@@ -111,6 +113,7 @@ class MemberConfig:
     patience: int | None = None
     amp: bool = True
     cache_teacher: bool = True
+    decoy: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         problems = []
@@ -131,6 +134,13 @@ class MemberConfig:
             problems.append(f"clean_augment must be auto, weak or none, got {self.clean_augment!r}")
         if self.patience is not None and self.patience < 0:
             problems.append(f"patience must be >= 0 or None, got {self.patience}")
+        if self.decoy:
+            from misleader.defenses.misleader.decoy import DecoyConfig
+
+            try:
+                DecoyConfig.from_dict(self.decoy)
+            except (MisleaderError, TypeError, ValueError) as exc:
+                problems.append(str(exc))
         if problems:
             raise MisleaderError(f"bad MISLEADER settings for member {self.arch!r}: " + "; ".join(problems))
 
@@ -140,7 +150,10 @@ class MemberConfig:
         return max(5, self.epochs // 2) if self.patience is None else self.patience
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        if not d["decoy"]:
+            del d["decoy"]  # the faithful configuration's dict (and fingerprint) as before the decoy variant
+        return d
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> MemberConfig:

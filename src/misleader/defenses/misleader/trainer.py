@@ -121,6 +121,10 @@ class MemberTrainer:
             atk = attacker_term(d_aug, s_aug)
             loss = kd - cfg.lam * atk
             out["attacker_kl"] = atk.detach()
+        extra = self.extra_loss()
+        if extra is not None:
+            loss = loss + extra[0]
+            out.update(extra[1])
         self.opt_d.zero_grad(set_to_none=True)
         self.scaler_d.scale(loss).backward()
         self._apply(self.opt_d, self.scaler_d, d.parameters(), cfg.grad_clip)
@@ -137,6 +141,14 @@ class MemberTrainer:
             with self._amp():
                 d_aug = self.defense(x_aug)
         return self._defense_update(x, y, t_logits, d_aug, x_aug)
+
+    def extra_loss(self) -> tuple[torch.Tensor, dict[str, torch.Tensor]] | None:
+        """An extra term added to ``d``'s loss in step (b) and its detached scalars (``None``: none, the default).
+
+        Overridden by the decoy variant (:mod:`misleader.defenses.misleader.decoy`); the faithful trainer adds
+        nothing and draws nothing.
+        """
+        return None
 
     # ------------------------------------------------------------------ both
     def step(self, x: torch.Tensor, y: torch.Tensor, t_logits: torch.Tensor,
@@ -281,9 +293,11 @@ class _MemberTask:
         clone_val = (accuracy(predict_probs(trainer.clone, self.x_val, device=device, amp=cfg.amp), self.y_val)
                      if trainer.uses_clone else None)
         means = {k: float(v) / self.steps for k, v in sums.items()}
-        return {"val_accuracy": val_acc, "clone_val_accuracy": clone_val, "kd_loss": means.get("kd_loss"),
-                "attacker_kl": means.get("attacker_kl"), "clone_kl": means.get("clone_kl"), "loss": means.get("loss"),
-                "lr": trainer.opt_d.param_groups[0]["lr"]}
+        row = {"val_accuracy": val_acc, "clone_val_accuracy": clone_val, "kd_loss": means.get("kd_loss"),
+               "attacker_kl": means.get("attacker_kl"), "clone_kl": means.get("clone_kl"), "loss": means.get("loss"),
+               "lr": trainer.opt_d.param_groups[0]["lr"]}
+        row.update({k: v for k, v in means.items() if k not in row})  # a variant's extra terms (none by default)
+        return row
 
     def snapshot(self) -> dict[str, Any]:
         return {"defense": cpu_state(self.trainer.defense), "clone": cpu_state(self.trainer.clone)}
@@ -345,8 +359,15 @@ def train_member(
         p.requires_grad_(False)
     n, bs = len(x_train), cfg.batch_size
     steps = n // bs if n >= bs else 1
-    trainer = MemberTrainer(config=cfg, defense=defense, clone=clone if cfg.lam > 0 else None, device=device,
-                            total_steps=cfg.epochs * steps)
+    common = {"config": cfg, "defense": defense, "clone": clone if cfg.lam > 0 else None, "device": device,
+              "total_steps": cfg.epochs * steps}
+    if cfg.decoy:  # the decoy variant (issue 11); the faithful path below is unchanged
+        from misleader.defenses.misleader.decoy import make_decoy_trainer
+
+        trainer = make_decoy_trainer(decoy=cfg.decoy, teacher=teacher, input_shape=tuple(x_train.shape[1:]),
+                                     generator=make_generator(derive_seed(generator)), **common)
+    else:
+        trainer = MemberTrainer(**common)
     task = _MemberTask(trainer=trainer, teacher=teacher, x_train=x_train, y_train=y_train, x_val=x_val, y_val=y_val,
                        device=device, generator=generator)
     res = fit(task, epochs=cfg.epochs, steps_per_epoch=task.steps, resume_path=resume_path,

@@ -1,0 +1,295 @@
+"""The decoy variant of MISLEADER: members that answer synthetic (generator-like) inputs *consistently wrongly*.
+
+Method: ``shared/research/misleader-audit.md`` ("What worked on digits"), issue 11; it extends MISLEADER
+(Cheng et al., arXiv 2506.02362, https://arxiv.org/abs/2506.02362). Each member ``d`` is trained with its
+usual loss (distillation, and with ``lambda > 0`` the MISLEADER attacker term) **plus**
+
+    mu * KL(q(x_b) || softmax(d(x_b)))
+
+on a batch ``x_b`` drawn from a *bank* of images made by randomly initialised generators of the two
+data-free attack families (DFME's :class:`~misleader.models.generators.GeneratorA` and DFMS's
+:class:`~misleader.models.generators.DCGANGenerator`), where ``q`` is the victim's softmax with the
+classes relabelled by a fixed secret derangement ``pi`` (``q[:, pi[c]] = p_victim[:, c]``). Every member
+shares ``pi`` (different targets would average away under soft voting). A data-free attacker whose
+queries look like the bank copies the relabelled function; honest users on real images are served the
+distilled answers.
+
+The bank uses no attack data and no out-of-distribution dataset: it is made by the defender from random
+generators and the secret seed. Half of each generator's images are mapped to pixels by ``(x + 1) / 2``
+(DFME's default), the other half by ``center + scale * x`` with the victim's normalisation mean / std
+(DFME's "normalised" mapping), as configured in :attr:`DecoyConfig.mappings`.
+
+Secrecy: ``pi`` and the bank seed live in the member settings, i.e. in ``plan.json``, ``fingerprint.json``
+and the members' ``result.json`` / ``model.json`` -- files of the defense folder that a server reads but
+never serves. The manifest's served description (:meth:`misleader.oracle.pipeline.Pipeline.describe`)
+does not contain them. If ``pi`` leaks, the protection is gone (an attacker relabels its clone).
+
+Deviations from the prototype in the audit:
+    * The bank is made once per member from the same seed (identical in every member) and never refreshed.
+
+Option ``adversarial`` (the audit's proposal 2): a generator (DFME's GeneratorA, small) trained *inside*
+defense training, one Adam step per batch, to maximise ``KL(d(G(z)) || s(G(z)))`` between the member and
+its inner clone (exact gradients: the defender owns both), with the decoy target on its images
+(``mu * KL(q(G(z)) || d(G(z)))``, the victim queried on them). It needs the inner clone (``lambda > 0``).
+Not measured at MNIST scale yet.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+from typing import Any, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from misleader.errors import MisleaderError
+from misleader.utils import autocast, derive_seed, make_generator
+
+log = logging.getLogger(__name__)
+
+PAPER_URL = "https://arxiv.org/abs/2506.02362"
+FAMILIES = ("generator_a", "dcgan")
+
+
+def random_derangement(k: int, *, generator: torch.Generator) -> list[int]:
+    """A uniformly random permutation of ``range(k)`` with no fixed point (rejection sampling), ``k >= 2``."""
+    if k < 2:
+        raise MisleaderError(f"a decoy relabelling needs at least 2 classes, got {k}")
+    while True:
+        p = torch.randperm(k, generator=generator)
+        if not bool((p == torch.arange(k)).any()):
+            return [int(v) for v in p]
+
+
+def is_derangement(perm: Sequence[int]) -> bool:
+    """``perm`` is a permutation of ``range(len(perm))`` with no fixed point."""
+    return sorted(perm) == list(range(len(perm))) and all(int(v) != i for i, v in enumerate(perm))
+
+
+@dataclass(frozen=True)
+class DecoyConfig:
+    """Settings of the decoy term of one member (stored as ``MemberConfig.decoy``, a plain dict).
+
+    Attributes:
+        perm: the secret derangement ``pi`` (``perm[c]`` is the class that class ``c`` is relabelled to).
+        mu: weight of the decoy term.
+        bank_seed: seeds the bank's generators and latents (the same in every member).
+        bank_size: images in the bank.
+        generators: randomly initialised generators making it (alternating over ``families``).
+        families: generator families (``generator_a``, ``dcgan``).
+        ngf: base width of the bank's generators.
+        mappings: ``[center, scale]`` pixel mappings ``clamp(center + scale * x_tanh, 0, 1)``, cycled over
+            each generator's images.
+        bank_batch: bank images per training step (``None``: the member's batch size).
+        adversarial: also train a disagreement-seeking generator inside training (module docstring).
+        adv_batch, adv_lr, adv_ngf, adv_nz: its batch per step, Adam learning rate, width and latent size.
+    """
+
+    perm: tuple[int, ...]
+    mu: float = 1.0
+    bank_seed: int = 0
+    bank_size: int = 8000
+    generators: int = 80
+    families: tuple[str, ...] = FAMILIES
+    ngf: int = 32
+    mappings: tuple[tuple[float, float], ...] = ((0.5, 0.5),)
+    bank_batch: int | None = None
+    adversarial: bool = False
+    adv_batch: int = 64
+    adv_lr: float = 1e-3
+    adv_ngf: int = 16
+    adv_nz: int = 64
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not is_derangement(list(self.perm)):
+            problems.append(f"perm must be a permutation of 0..K-1 without fixed points, got {list(self.perm)}")
+        if not self.mu >= 0:
+            problems.append(f"mu must be >= 0, got {self.mu}")
+        if self.bank_size < 1 or self.generators < 1 or self.ngf < 1 or self.generators > self.bank_size:
+            problems.append(f"bank_size, generators and ngf must be >= 1 with generators <= bank_size, got "
+                            f"{self.bank_size}, {self.generators}, {self.ngf}")
+        if not self.families or any(f not in FAMILIES for f in self.families):
+            problems.append(f"families must be a non-empty subset of {', '.join(FAMILIES)}, got {list(self.families)}")
+        if not self.mappings or any(len(m) != 2 or not m[1] > 0 for m in self.mappings):
+            problems.append(f"mappings must be [center, scale > 0] pairs, got {self.mappings}")
+        if self.adv_batch < 1 or self.adv_ngf < 1 or self.adv_nz < 1 or not self.adv_lr > 0:
+            problems.append(f"adv_batch, adv_ngf, adv_nz and adv_lr must be > 0, got {self.adv_batch}, "
+                            f"{self.adv_ngf}, {self.adv_nz}, {self.adv_lr}")
+        if self.bank_batch is not None and self.bank_batch < 1:
+            problems.append(f"bank_batch must be >= 1, got {self.bank_batch}")
+        if problems:
+            raise MisleaderError("bad decoy settings: " + "; ".join(problems))
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> DecoyConfig:
+        unknown = set(d) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise MisleaderError(f"unknown decoy setting(s) {', '.join(sorted(unknown))}; use "
+                                 f"{', '.join(cls.__dataclass_fields__)}")
+        if "perm" not in d:
+            raise MisleaderError("decoy settings need 'perm' (the secret derangement; the misleader-decoy builder "
+                                 "draws it from the seed)")
+        kw = dict(d)
+        kw["perm"] = tuple(int(v) for v in d["perm"])
+        for key in ("families",):
+            if key in kw:
+                kw[key] = tuple(kw[key])
+        if "mappings" in kw:
+            kw["mappings"] = tuple((float(c), float(s)) for c, s in kw["mappings"])
+        return cls(**kw)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["perm"], d["families"] = list(self.perm), list(self.families)
+        d["mappings"] = [list(m) for m in self.mappings]
+        return d
+
+
+@torch.no_grad()
+def make_bank(cfg: DecoyConfig, *, channels: int, size: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The decoy bank: (bank_size, C, size, size) float32 images in [0, 1] from random generators.
+
+    Deterministic in ``cfg.bank_seed`` (generated on the CPU, in train mode like a fresh DFME generator,
+    whose BatchNorm layers use batch statistics).
+    """
+    from misleader.models.generators import GENERATORS
+
+    gen = make_generator(cfg.bank_seed)
+    per = [cfg.bank_size // cfg.generators + (1 if i < cfg.bank_size % cfg.generators else 0)
+           for i in range(cfg.generators)]
+    out = []
+    with torch.random.fork_rng(devices=[]):
+        for i, n in enumerate(per):
+            family = cfg.families[i % len(cfg.families)]
+            torch.manual_seed(derive_seed(gen))
+            try:
+                g = GENERATORS.create(family, ngf=cfg.ngf, img_size=size, nc=channels).train()
+            except ValueError as exc:
+                raise MisleaderError(f"decoy bank: generator {family} cannot make {channels}x{size}x{size} images "
+                                     f"({exc}): choose families that fit") from None
+            z = torch.randn(n, g.nz, generator=gen)
+            x = g(z).float()
+            m = torch.arange(n) % len(cfg.mappings)
+            centers = torch.tensor([c for c, _ in cfg.mappings])[m].view(-1, 1, 1, 1)
+            scales = torch.tensor([s for _, s in cfg.mappings])[m].view(-1, 1, 1, 1)
+            out.append((centers + scales * x).clamp_(0.0, 1.0))
+    return torch.cat(out).to(device)
+
+
+@torch.no_grad()
+def decoy_targets(teacher: nn.Module, bank: torch.Tensor, perm: Sequence[int], *, batch_size: int = 1024) -> torch.Tensor:
+    """``q``: the victim's softmax on ``bank`` (N, C, H, W) with class ``c`` moved to ``perm[c]``; (N, K) float32."""
+    mode = teacher.training
+    teacher.eval()
+    p = torch.cat([F.softmax(teacher(x).float(), dim=1) for x in bank.split(batch_size)])
+    teacher.train(mode)
+    q = torch.empty_like(p)
+    q[:, torch.as_tensor(list(perm), device=p.device)] = p
+    return q
+
+
+def decoy_loss(d_logits: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """``KL(q || softmax(d))`` averaged over the batch; ``d_logits`` (B, K), ``q`` (B, K) probabilities."""
+    logq = q.clamp_min(1e-30).log()
+    return (q * (logq - F.log_softmax(d_logits.float(), dim=1))).sum(1).mean()
+
+
+def decoy_trainer_class():
+    """:class:`DecoyMemberTrainer` (defined lazily: it subclasses the trainer, which imports this module's users)."""
+    from misleader.defenses.misleader.trainer import MemberTrainer
+
+    class DecoyMemberTrainer(MemberTrainer):
+        """A :class:`~misleader.defenses.misleader.trainer.MemberTrainer` whose defense loss adds the decoy term."""
+
+        def __init__(self, *, decoy: DecoyConfig, bank: torch.Tensor, targets: torch.Tensor,
+                     generator: torch.Generator, teacher: nn.Module | None = None, image_shape: Sequence[int] = (),
+                     **kwargs: Any) -> None:
+            super().__init__(**kwargs)
+            self.decoy, self.bank, self.targets, self.bank_gen = decoy, bank, targets, generator
+            self.bank_batch = decoy.bank_batch or self.config.batch_size
+            self.teacher, self.adv, self.opt_g = teacher, None, None
+            if decoy.adversarial:
+                if self.clone is None or teacher is None:
+                    raise MisleaderError("decoy adversarial=True needs the inner clone (lambda > 0) and the victim")
+                from misleader.models.generators import GeneratorA
+
+                c, h = int(image_shape[0]), int(image_shape[1])
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(derive_seed(generator))
+                    self.adv = GeneratorA(nz=decoy.adv_nz, ngf=decoy.adv_ngf, img_size=h, nc=c).to(self.device)
+                self.opt_g = torch.optim.Adam(self.adv.parameters(), lr=decoy.adv_lr)
+
+        def _adversarial_images(self) -> torch.Tensor:
+            """One generator step towards member/clone disagreement; returns fresh images (detached, in [0, 1])."""
+            from misleader.defenses.misleader.losses import attacker_term
+            from misleader.models.generators import tanh_to_unit
+
+            z = torch.randn(self.decoy.adv_batch, self.decoy.adv_nz, generator=self.bank_gen).to(self.device)
+            self.adv.train()
+            x = tanh_to_unit(self.adv(z))
+            dis = attacker_term(self.defense(x), self.clone(x))
+            grads = torch.autograd.grad(-dis, list(self.adv.parameters()))
+            for p, g in zip(self.adv.parameters(), grads):
+                p.grad = g
+            self.opt_g.step()
+            self.last_disagreement = float(dis.detach())
+            with torch.no_grad():
+                return tanh_to_unit(self.adv(z)).clamp(0, 1)
+
+        def extra_loss(self) -> tuple[torch.Tensor, dict[str, torch.Tensor]] | None:
+            if self.decoy.mu == 0:
+                return None
+            idx = torch.randint(len(self.bank), (min(self.bank_batch, len(self.bank)),), generator=self.bank_gen)
+            idx = idx.to(self.bank.device)
+            self.defense.train()
+            with self._amp():
+                d_b = self.defense(self.bank[idx])
+            kl = decoy_loss(d_b, self.targets[idx])
+            loss, rows = self.decoy.mu * kl, {"decoy_kl": kl.detach()}
+            if self.adv is not None:
+                x_adv = self._adversarial_images()
+                q_adv = decoy_targets(self.teacher, x_adv, self.decoy.perm)
+                with self._amp():
+                    d_adv = self.defense(x_adv)
+                kl_adv = decoy_loss(d_adv, q_adv)
+                loss = loss + self.decoy.mu * kl_adv
+                rows.update(decoy_adv_kl=kl_adv.detach(), adv_disagreement=torch.tensor(self.last_disagreement))
+            return loss, rows
+
+        def state_dict(self) -> dict[str, Any]:
+            st = {**super().state_dict(), "bank_gen": self.bank_gen.get_state()}
+            if self.adv is not None:
+                st.update(adv=self.adv.state_dict(), opt_g=self.opt_g.state_dict())
+            return st
+
+        def load_state_dict(self, st: Mapping[str, Any]) -> None:
+            super().load_state_dict(st)
+            self.bank_gen.set_state(st["bank_gen"])
+            if self.adv is not None:
+                self.adv.load_state_dict(st["adv"])
+                self.opt_g.load_state_dict(st["opt_g"])
+
+    return DecoyMemberTrainer
+
+
+def make_decoy_trainer(*, decoy: Mapping[str, Any], teacher: nn.Module, input_shape: Sequence[int],
+                       generator: torch.Generator, device: torch.device, **kwargs: Any):
+    """The decoy member trainer: builds the bank (``input_shape`` (C, H, W)) and its targets on ``device``."""
+    cfg = DecoyConfig.from_dict(decoy)
+    c, h, w = (int(s) for s in input_shape)
+    if h != w:
+        raise MisleaderError(f"decoy bank generators make square images, the victim takes {c}x{h}x{w}")
+    bank = make_bank(cfg, channels=c, size=h, device=device)
+    with autocast(device, False):
+        targets = decoy_targets(teacher.to(device), bank, cfg.perm)
+    log.info("decoy bank: %d images from %d random generators (%s), mu=%g", len(bank), cfg.generators,
+             ",".join(cfg.families), cfg.mu)
+    return decoy_trainer_class()(decoy=cfg, bank=bank, targets=targets, generator=generator, device=device,
+                                 teacher=teacher, image_shape=(c, h, w), **kwargs)
+
+
+__all__ = ["DecoyConfig", "FAMILIES", "decoy_loss", "decoy_targets", "decoy_trainer_class", "is_derangement",
+           "make_bank", "make_decoy_trainer", "random_derangement"]
