@@ -313,6 +313,10 @@ class DFMEConfig:
     image_center: tuple[float, ...] | None = None
     image_scale: tuple[float, ...] | None = None
     amp: bool = True
+    #: ``True``: each iteration's clone batches and the next iteration's probes share one oracle call (same
+    #: queries, fewer calls); ``False``: one call per clone batch, asked while the clone is in train mode and
+    #: trained on the very tensor asked (what adaptive variants that edit clone batches hook into)
+    fuse: bool = True
 
     def __post_init__(self) -> None:
         check_range("dfme", self, positive=("batch_size", "nz", "ngf", "grad_m", "g_iter", "grad_epsilon",
@@ -539,6 +543,7 @@ class DFME(Attack):
         n_clone = cfg.d_iter * cfg.batch_size
         # the first iteration's probes are answered alone; afterwards each iteration's clone batches and the
         # next iteration's probes (both made by the same generator weights) share one oracle call
+        clone.eval()  # probes are asked with the clone in eval mode (adaptive variants tell them apart by it)
         probe = new_probes()
         probe_target = recover(ledger.query(probe[2]))
         for it in range(iterations):
@@ -546,7 +551,7 @@ class DFME(Attack):
             netg.train()
             clone.eval()
             for j in range(cfg.g_iter):
-                if j > 0:  # a further generator step needs probes of the updated generator (not fused)
+                if j > 0 or (it > 0 and not cfg.fuse):  # probes of the updated generator, asked alone
                     probe = new_probes()
                     probe_target = recover(ledger.query(probe[2]))
                 x_pre, u, x_probe = probe
@@ -563,16 +568,20 @@ class DFME(Attack):
                 x_clone = torch.cat([to_image(netg(sample_z(cfg.batch_size)).float()) for _ in range(cfg.d_iter)]
                                     or [torch.empty(0, c, h, w, device=dev)])
             last = it == iterations - 1
-            if not last:
-                probe = new_probes()
-            x_ask = x_clone if last else torch.cat([x_clone, probe[2]])
-            targets = recover(ledger.query(x_ask)) if len(x_ask) else torch.empty(0, k, device=dev)
-            probe_target = targets[n_clone:]
-            if last:  # the attacker's own last paid batches, kept for preset selection (bench/select_dfme_preset.py)
-                self._last_queries = (x_clone.detach(), targets[:n_clone].argmax(1))
+            if cfg.fuse:
+                if not last:
+                    probe = new_probes()
+                x_ask = x_clone if last else torch.cat([x_clone, probe[2]])
+                targets = recover(ledger.query(x_ask)) if len(x_ask) else torch.empty(0, k, device=dev)
+                probe_target = targets[n_clone:]
+                if last:  # the attacker's last paid batches, kept for preset selection (bench/select_dfme_preset.py)
+                    self._last_queries = (x_clone.detach(), targets[:n_clone].argmax(1))
+                batches = zip(x_clone.split(cfg.batch_size), targets[:n_clone].split(cfg.batch_size))
+            else:  # asked lazily, batch by batch, once the clone is in train mode
+                batches = ((xb, recover(ledger.query(xb))) for xb in x_clone.split(cfg.batch_size))
             # (3) d_iter clone steps: L1 to the recovered victim logits
             clone.train()
-            for xb, tb in zip(x_clone.split(cfg.batch_size), targets[:n_clone].split(cfg.batch_size)):
+            for xb, tb in batches:
                 with autocast(dev, cfg.amp):
                     out = clone(xb)
                 out = out.float()

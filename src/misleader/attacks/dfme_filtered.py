@@ -42,7 +42,7 @@ class FilteringDFME(Attack):
         if checks < 1 or not sigma > 0:
             raise MisleaderError(f"dfme-filtered needs checks >= 1 and sigma > 0, got {checks}, {sigma}")
         self.checks, self.sigma = int(checks), float(sigma)
-        self._dfme = DFME(preset=preset, **overrides)
+        self._dfme = DFME(preset=preset, **{"fuse": False, **overrides})  # clone batches asked one by one (hooked)
         self.dfme = self._dfme.config()
 
     @classmethod

@@ -58,7 +58,7 @@ class SeededDFME(Attack):
             raise MisleaderError(f"dfme-seeded needs seeds >= 1, 0 < mix <= 1 and shift >= 0, got {seeds}, {mix}, "
                                  f"{shift}")
         self.seeds, self.mix, self.shift = int(seeds), float(mix), int(shift)
-        self._dfme = DFME(preset=preset, **overrides)
+        self._dfme = DFME(preset=preset, **{"fuse": False, **overrides})  # clone batches asked one by one (hooked)
         self.dfme = self._dfme.config()
 
     @classmethod
