@@ -31,6 +31,16 @@ def seed() -> int:
     return 0
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """Every test module runs torch on one intra-op thread: the tiny models are fastest so, the shared
+    2-core machine stays usable, and results are bitwise comparable with a Ray task (num_cpus=1)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture
 def one_thread():
     """One torch thread during the test, like a Ray task with num_cpus=1 (bitwise-comparable results)."""

@@ -40,14 +40,6 @@ def tiny_options(name: str) -> dict:
     return dict(fn()) if callable(fn) else dict(TINY.get(name, {}))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def defense_dir(tiny_victim, tmp_path_factory):
     from misleader.oracle import describe_target

@@ -23,14 +23,6 @@ RESULT_KEYS = {"clone_accuracy", "clone_accuracy_best", "fidelity", "queries_use
 FAST = {"epochs": 3, "lr": 0.05, "momentum": 0.9}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def attack_dir(tiny_victim, tmp_path_factory):
     out = tmp_path_factory.mktemp("attack") / "ko"

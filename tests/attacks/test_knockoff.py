@@ -23,14 +23,6 @@ K = 5
 SHAPE = (1, 32, 32)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _net(seed: int, k: int = K) -> torch.nn.Module:
     torch.manual_seed(seed)
     return create_model("lenet5_fifth", in_channels=1, num_classes=k)

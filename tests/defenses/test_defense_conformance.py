@@ -30,14 +30,6 @@ ATOL = 1e-5
 STEP_NAMES = [n for n in STEPS.names() if STEPS.get(n).test_spec is not None]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def assert_simplex(p: torch.Tensor, n: int) -> None:
     assert p.shape == (n, K) and p.dtype == torch.float32
     assert torch.isfinite(p).all() and (p >= -ATOL).all()
