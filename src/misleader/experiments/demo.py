@@ -38,7 +38,7 @@ DEMO_SPEC: dict[str, Any] = {
         {"name": "knockoff", "label": "knockoff-hard", "labels": "hard", "pool": "attacker",
          "budgets": [80, 240], "options": {"epochs": 60, "lr": 0.05, "momentum": 0.9}},
         {"name": "dfme", "label": "dfme", "labels": "soft", "budgets": ["50k"], "eval_every": "5k",
-         "options": {"preset": "cpu"}, "seeds": [0, 1]},
+         "options": {"preset": "small-fast"}, "seeds": [0, 1]},
     ],
     "clone_archs": ["lenet5"],
     "seeds": [0, 1, 2],
