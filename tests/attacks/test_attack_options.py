@@ -13,7 +13,7 @@ from misleader.attacks.dfme import DFME, PRESETS, DFMEConfig, image_affine
 from misleader.attacks.dfms_hl import DFMSHL
 from misleader.attacks.knockoff import KnockoffNets
 from misleader.errors import MisleaderError
-from misleader.oracle import ModelOracle
+from _recording import RecordingOracle
 
 MNIST = {"dataset": "mnist", "input_shape": [1, 32, 32], "num_classes": 10}
 CIFAR = {"dataset": "cifar10", "input_shape": [3, 32, 32], "num_classes": 10}
@@ -102,20 +102,10 @@ def test_image_map_uses_the_datasets_public_statistics():
         image_affine(DFMEConfig(image_scale=(0.1, 0.2)), dataset=None, channels=3)
 
 
-class _Recording(ModelOracle):
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.inputs: list[torch.Tensor] = []
-
-    def query(self, x: torch.Tensor) -> torch.Tensor:
-        self.inputs.append(x.detach().clone())
-        return super().query(x)
-
-
 def test_dfme_queries_live_in_the_public_normalisation_range():
     torch.manual_seed(0)
     net = nn.Sequential(nn.Flatten(), nn.Linear(64, 5))
-    oracle = _Recording(net, num_classes=5, input_shape=(1, 8, 8), budget=300)
+    oracle = RecordingOracle(net, num_classes=5, input_shape=(1, 8, 8), budget=300)
     attack = DFME(**DFME.tiny_options())
     attack.adapt_to_target({"dataset": "mnist", "input_shape": [1, 8, 8], "num_classes": 5})
     res = attack.run(oracle, budget=300, clone=nn.Sequential(nn.Flatten(), nn.Linear(64, 5)),

@@ -15,6 +15,7 @@ from torch import nn
 from misleader.attacks.dfme import DFME, PRESETS, estimate_gradient, recover_logits, unit_directions
 from misleader.errors import MisleaderError
 from misleader.oracle import ModelOracle
+from _recording import RecordingOracle
 
 torch.set_num_threads(1)
 
@@ -326,19 +327,9 @@ def test_clone_learns_the_victim():
     assert before < 0.4 and after > 0.55  # measured: 0.21 -> 0.74
 
 
-class _RecordingOracle(ModelOracle):
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.inputs: list[torch.Tensor] = []
-
-    def query(self, x: torch.Tensor) -> torch.Tensor:
-        self.inputs.append(x.detach().clone())
-        return super().query(x)
-
-
 @pytest.mark.parametrize("center,scale", [(0.5, 0.5), (0.1, 0.275)])
 def test_image_space_of_the_queries(center, scale):
-    oracle = _RecordingOracle(tiny_net(0), num_classes=K, input_shape=SHAPE, budget=300)
+    oracle = RecordingOracle(tiny_net(0), num_classes=K, input_shape=SHAPE, budget=300)
     DFME(**TINY, image_center=center, image_scale=scale).run(oracle, budget=300, clone=tiny_net(1),
                                                              generator=torch.Generator().manual_seed(0))
     x = torch.cat(oracle.inputs)

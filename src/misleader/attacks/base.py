@@ -34,7 +34,7 @@ import types
 import typing
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field, fields, replace
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar, Sequence
 
 import torch
 from torch import nn
@@ -162,16 +162,20 @@ class Attack(ABC):
         self._pool_x = pool_x
         self._pool_y = pool_y
 
-    def pool_data(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``(pool_x, pool_y)`` given to :meth:`prepare`.
+    def pool_data(self, *, input_shape: Sequence[int] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(pool_x, pool_y)`` given to :meth:`prepare`; with ``input_shape`` (the oracle's), the images'
+        shape is checked against it.
 
         Raises:
-            MisleaderError: no pool was given.
+            MisleaderError: no pool was given, or its images do not match ``input_shape``.
         """
         x = getattr(self, "_pool_x", None)
         if x is None:
             raise MisleaderError(f"attack {self.name!r} needs a pool of attacker images: call "
                                  "attack.prepare(pool_x=..., pool_y=...) before run() (run_attack does this)")
+        if input_shape is not None and tuple(x.shape[1:]) != tuple(input_shape):
+            raise MisleaderError(f"pool images {tuple(x.shape[1:])} do not match the oracle's input "
+                                 f"{tuple(input_shape)}: convert them with misleader.attacks.pools.convert_images")
         return x, getattr(self, "_pool_y", None)
 
     @abstractmethod

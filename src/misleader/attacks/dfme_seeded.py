@@ -74,7 +74,7 @@ class SeededDFME(Attack):
             eval_every: int | None = None) -> AttackResult:
         """DFME with real seed images mixed in; exactly DFME's queries (``budget // cost_per_iteration`` iterations)."""
         self.check_oracle(oracle, budget)
-        pool_x, _ = self.pool_data()
+        pool_x, _ = self.pool_data(input_shape=oracle.input_shape)
         if len(pool_x) < self.seeds:
             raise MisleaderError(f"dfme-seeded: the pool has {len(pool_x)} images, fewer than seeds={self.seeds}: "
                                  "lower seeds or pass a larger pool")

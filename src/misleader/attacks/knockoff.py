@@ -221,10 +221,7 @@ class KnockoffNets(Attack):
         (the random strategy trains nothing while it queries) and every ``eval_epochs`` training epochs.
         """
         self.check_oracle(oracle, budget)
-        pool_x, pool_y = self.pool_data()
-        if tuple(pool_x.shape[1:]) != tuple(oracle.input_shape):
-            raise MisleaderError(f"pool images {tuple(pool_x.shape[1:])} do not match the oracle's input "
-                                 f"{tuple(oracle.input_shape)}: convert them with misleader.attacks.pools.convert_images")
+        pool_x, pool_y = self.pool_data(input_shape=oracle.input_shape)
         dev = torch.device(device)
         t0 = time.perf_counter()
         clone.to(dev)
