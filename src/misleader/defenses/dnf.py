@@ -190,6 +190,19 @@ class EarlyExitBackend(BackendStep):
     """
 
     type_name: ClassVar[str] = "early_exit"
+    test_spec: ClassVar[dict[str, Any] | None] = {"model": "m0", "hidden": 8, "thresholds": [0.3, 0.5, 0.9]}
+
+    @classmethod
+    def conformance_entry(cls, *, ctx: StepContext) -> dict[str, Any] | None:
+        """:attr:`test_spec` with randomly initialised heads written to ``ctx.folder`` (conformance test)."""
+        spec = dict(cls.test_spec or {})
+        stages, _ = backbone_stages(ctx.load_model(spec["model"]))
+        channels = stage_channels(stages, ctx.input_shape, ctx.device)
+        from misleader.utils import forked_rng
+
+        with forked_rng(ctx.generator, ctx.device):
+            heads = ExitHeads(channels=channels, hidden=spec["hidden"], num_classes=ctx.num_classes)
+        return {**spec, "channels": channels, **save_tensors(heads, out=ctx.folder, rel="dnf/heads.safetensors")}
 
     def __init__(self, net: EarlyExitNet, *, entry: dict[str, Any], device: torch.device) -> None:
         self.net, self.entry = net, entry

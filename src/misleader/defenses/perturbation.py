@@ -247,6 +247,18 @@ class TrainedWatermark(InputStep):
 
     type_name: ClassVar[str] = "trained_watermark"
     stochastic: ClassVar[bool] = True  # eps is drawn per sample (deterministic when eps is null)
+    test_spec: ClassVar[dict[str, Any] | None] = {"hidden": 2, "scale": 0.5, "eps": [0.3, 0.6], "norm": "instance",
+                                                 "mean": [0.5], "std": [0.25]}
+
+    @classmethod
+    def conformance_entry(cls, *, ctx: StepContext) -> dict[str, Any] | None:
+        """:attr:`test_spec` with a random watermark net written to ``ctx.folder`` (conformance test)."""
+        from misleader.defenses.retrain import save_tensors
+
+        spec = dict(cls.test_spec or {})
+        g = torch.Generator().manual_seed(int(torch.randint(2**31, (1,), generator=ctx.generator)))
+        net = WatermarkNet(in_channels=int(ctx.input_shape[0]), hidden=spec["hidden"], generator=g)
+        return {**spec, **save_tensors(net, out=ctx.folder, rel="act/watermark.safetensors")}
 
     def __init__(self, settings: _PerturbSettings, net: WatermarkNet, *, ref: dict[str, Any],
                  generator: torch.Generator) -> None:

@@ -95,6 +95,16 @@ class Step(ABC):
     test_spec: ClassVar[dict[str, Any] | None] = None
 
     @classmethod
+    def conformance_entry(cls, *, ctx: "StepContext") -> dict[str, Any] | None:
+        """The manifest entry the step conformance test builds this step from (``None``: not testable alone).
+
+        Default: a copy of :attr:`test_spec`. A step whose entry names a file inside the folder overrides
+        this to write a small random one into ``ctx.folder`` (with ``ctx.load_model`` for the models it
+        names) and return the entry pointing at it.
+        """
+        return None if cls.test_spec is None else dict(cls.test_spec)
+
+    @classmethod
     @abstractmethod
     def from_manifest(cls, spec: dict[str, Any], *, ctx: StepContext) -> "Step":
         """Build the step from its manifest entry (raise ``MisleaderError`` naming a bad key)."""
