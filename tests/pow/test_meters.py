@@ -75,3 +75,12 @@ def test_meter_folders_round_trip(tiny_victim, tmp_path) -> None:
     (tmp_path / "knn" / mt.WEIGHTS).write_bytes(blob[:-4] + b"\0\0\0\0")
     with pytest.raises(MisleaderError, match="corrupted"):
         mt.load_meter(tmp_path / "knn")
+
+
+def test_a_missing_meter_or_calibration_folder_names_the_command_that_writes_it(tmp_path):
+    from misleader.pow.calibration import load_calibration
+
+    with pytest.raises(MisleaderError, match="misleader pow train-meter"):
+        mt.load_meter(tmp_path / "nope")
+    with pytest.raises(MisleaderError, match="misleader pow calibrate"):
+        load_calibration(tmp_path / "nope")

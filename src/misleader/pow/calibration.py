@@ -170,6 +170,9 @@ def calibrate(*, meter: str | Path, out: str | Path, data_dir: str | Path | None
 def load_calibration(folder: str | Path) -> tuple[PowConfig, dict[str, Any]]:
     """The :class:`PowConfig` and full config of a calibration folder (``misleader pow calibrate``)."""
     folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise MisleaderError(f"{folder} is not a PoW calibration folder (no config.json): make one with "
+                             "`misleader pow calibrate --meter M --out DIR`, or pass the folder it wrote")
     config = read_json(folder / "config.json")
     if config.get("kind") != "pow-calibration" or config.get("format") != CALIBRATION_FORMAT:
         raise MisleaderError(f"{folder} is not a PoW calibration folder: make one with `misleader pow calibrate`")

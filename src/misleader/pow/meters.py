@@ -251,6 +251,9 @@ def load_meter(folder: str | Path, *, device: torch.device | str = "cpu") -> tup
     from misleader.models import create_model
 
     folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise MisleaderError(f"{folder} is not a PoW meter folder (no config.json): make one with "
+                             "`misleader pow train-meter --victim V --out DIR`, or pass the folder it wrote")
     config = read_json(folder / "config.json")
     if config.get("kind") != "pow-meter" or config.get("format") != METER_FORMAT:
         raise MisleaderError(f"{folder} is not a PoW meter folder: make one with `misleader pow train-meter`")
