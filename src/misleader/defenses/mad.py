@@ -13,9 +13,19 @@ softmax and ``h`` its penultimate features, so ``G^T v = (p_s - v) (x) h`` for a
   ``|| G^T y*/||G^T y*|| - G^T y/||G^T y|| ||^2 = || (p_s - y*)/||p_s - y*|| - (p_s - y)/||p_s - y|| ||^2``;
 * ``objective="plain"`` (``objmax=False``): ``||G^T (y* - y)||^2 = ||y* - y||^2 ||h||^2``.
 
-The batched path (:meth:`MADStep.__call__`) needs one surrogate forward and a (B, candidates, K)
-tensor operation; :func:`mad_reference` is the slow per-example path with the explicit autograd
-Jacobian that the tests compare it against.
+The batched path (:meth:`MADStep.__call__`) needs one surrogate forward (``p_s`` and ``h`` from it) and,
+per quadratic form of the objective, one (B, K+2) x (K+2, candidates) product. On CPU the forward runs in
+:data:`CPU_CHUNK`-row pieces with channels-last conv weights (the step converts its surrogate in place,
+:func:`prepare_surrogate`) and the oracle in :data:`ORACLE_CHUNK`-row pieces; the answers do not depend
+on either. On 1,000 MNIST queries with a LeNet5 surrogate (one thread) the forward is most of the time:
+see ``bench/bench_output_defenses.py``.
+
+:func:`mad_reference` is the slow per-example path the tests compare against, structured as the reference
+code: per query, the explicit autograd Jacobian (one forward, one ``autograd.grad`` per class, as its
+``compute_jacobian_nll``), then the oracle's loop over candidates, then the line search. Its loop is in
+NumPy float64 for both oracles (the reference's ``argmax`` oracle loops in NumPy, its ``extreme`` one in
+torch) and computes ``G^T y`` once per query (the reference recomputes it for every candidate); both
+choices only make the reference faster.
 
 Oracles: ``extreme`` (candidates: the K one-hot vectors) and ``argmax`` (candidates: uniform over a
 class subset that contains ``argmax y``, +1e-5 on the argmax; all 2^(K-1) subsets for K <= 10, a greedy
@@ -23,6 +33,8 @@ set-growing search with at most ``max_evals`` evaluations above), which keeps th
 
 Deviations from the reference code:
     * batched closed form instead of K backward passes per example (same objective values);
+    * all computations of the objective in float64 (the reference: float32), and near-ties (within 1e-12
+      relative) go to the first candidate (the reference: the first strict maximum);
     * ``argmax`` candidates are renormalised after the +1e-5 (the reference leaves them summing to
       1 + 1e-5, so its answers leave the simplex by up to 1e-5);
     * the surrogate's last Linear layer is found by type (the reference takes ``params[-2]``, which
