@@ -85,7 +85,8 @@ def last_linear(model: nn.Module) -> nn.Linear:
 CPU_CHUNK = 256
 
 
-def surrogate_features(model: nn.Module, x: torch.Tensor, *, chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def surrogate_features(model: nn.Module, x: torch.Tensor, *,
+                       chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(p_s (N, K), h (N, F))`` float64: the surrogate's softmax and the input of its last Linear layer, from
     one forward (in ``chunk``-row pieces when given; None: one piece)."""
     seen: list[torch.Tensor] = []
@@ -261,8 +262,8 @@ def closed_form_score(p_s: torch.Tensor, h: torch.Tensor, y: torch.Tensor, *, ob
     return make
 
 
-#: rows per oracle pass on CPU: the (256, 512) float64 scores of the ``argmax`` oracle (1 MB) stay in a core's L2 cache
-#: (on 1,000 rows in one piece the passes over 4 MB arrays are memory-bound, ~2x slower on one thread)
+#: rows per oracle pass on CPU: the (256, 512) float64 scores of the ``argmax`` oracle (1 MB) stay in a core's
+#: L2 cache (on 1,000 rows in one piece the passes over 4 MB arrays were ~1.8x slower on one thread)
 ORACLE_CHUNK = 256
 
 
