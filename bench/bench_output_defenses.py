@@ -8,7 +8,14 @@ the misinformation model are LeNet5-sized (the victim's architecture).
 
 Then MAD's batched closed form against the per-example autograd-Jacobian reference
 (:func:`misleader.defenses.mad.mad_reference`) on the same ``--mad-rows`` queries, for both oracles and
-both objectives: rows/s of each and the largest difference of their answers.
+both objectives: rows/s of each and the largest difference of their answers. Both paths use the same
+surrogate as the step holds it (:func:`~misleader.defenses.mad.prepare_surrogate`); the batched path runs
+as :class:`~misleader.defenses.mad.MADStep` does (chunked forward, then the oracle). The split of each
+path's time is recorded too: the batched path's surrogate forward, and the reference's Jacobians (one
+forward and K backward passes per query); ``speedup_bound_free_oracle_cpu_time`` = reference time / batched forward
+time, the speedup if the batched oracle cost nothing. Each time is recorded as wall-clock seconds (the rows/s)
+and as this process's CPU seconds (``time.process_time``, one thread: what the load of other processes on
+a shared machine leaves out); the batched path is timed 3 times before the reference and 3 times after.
 
 Usage::
 
@@ -21,6 +28,7 @@ Writes ``bench/results/output_defenses.json`` (or ``--out``).
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import shlex
@@ -32,7 +40,8 @@ from pathlib import Path
 import torch
 
 from misleader.data.loader import to_unit
-from misleader.defenses.mad import mad_batched, mad_reference, surrogate_features
+from misleader.defenses.mad import (CPU_CHUNK, jacobian_last_layer, mad_batched, mad_reference, prepare_surrogate,
+                                    surrogate_features)
 from misleader.models import create_model
 from misleader.oracle.steps import STEPS, StepContext
 from misleader.utils import environment, resolve_device, write_json
@@ -96,8 +105,9 @@ def main(argv: list[str] | None = None) -> dict:
     for i, name in enumerate(("s", "d")):
         torch.manual_seed(100 + i)
         models[name] = create_model(arch, in_channels=1, num_classes=10).to(dev).eval()
+    # each step gets its own copy of a named model (MAD turns its surrogate's layout to channels-last in place)
     ctx = StepContext(folder=Path("."), device=dev, generator=torch.Generator(device=dev).manual_seed(0),
-                      num_classes=10, input_shape=(1, 32, 32), load_model=models.__getitem__)
+                      num_classes=10, input_shape=(1, 32, 32), load_model=lambda n: copy.deepcopy(models[n]))
     steps = {_label(t, s): STEPS.get(t).from_manifest(s, ctx=ctx) for t, s in CONFIGS}
     x, source = _inputs(args.rows, data_dir=args.data_dir)
     x = x.to(dev)
@@ -138,33 +148,64 @@ def main(argv: list[str] | None = None) -> dict:
     with torch.inference_mode():
         ym = torch.softmax(victim(xm).float(), dim=1)
     ym = ym.clone()
-    surrogate = models["s"]
+    surrogate = prepare_surrogate(copy.deepcopy(models["s"]))  # as MADStep holds it
     surrogate64 = create_model(arch, in_channels=1, num_classes=10).double().eval()
     surrogate64.load_state_dict(surrogate.state_dict())
+    prepare_surrogate(surrogate64)
+    chunk = CPU_CHUNK if dev.type == "cpu" else None
+
+    def clocks() -> tuple[float, float]:  # wall, and this process's CPU time (what other processes' load leaves out)
+        return time.perf_counter(), time.process_time()
+
+    def timed(fn, repeats: int) -> tuple[float, float]:  # noqa: ANN001
+        """Median wall and CPU seconds of ``repeats`` calls."""
+        wall, cpu = [], []
+        for _ in range(repeats):
+            w0, c0 = clocks()
+            fn()
+            w1, c1 = clocks()
+            wall.append(w1 - w0)
+            cpu.append(c1 - c0)
+        return statistics.median(wall), statistics.median(cpu)
+
+    with torch.no_grad():
+        surrogate_features(surrogate, xm, chunk=chunk)  # warm-up
+    jac_wall, jac_cpu = timed(lambda: [jacobian_last_layer(surrogate, xm[i : i + 1]) for i in range(len(xm))], 1)
     mad = {}
     for oracle in ("extreme", "argmax"):
         for objective in ("angular", "plain"):
             kw = {"epsilon": 0.5, "oracle": oracle, "objective": objective}
+            fast: dict[str, list[float]] = {"wall": [], "cpu": [], "forward_wall": [], "forward_cpu": []}
 
-            def batched(model: torch.nn.Module, xs: torch.Tensor) -> torch.Tensor:
+            def batched(model: torch.nn.Module, xs: torch.Tensor, *, record: bool = False) -> torch.Tensor:
                 with torch.no_grad():
-                    p_s, h = surrogate_features(model, xs)
-                    return mad_batched(ym, p_s, h, **kw)
+                    w0, c0 = clocks()
+                    p_s, h = surrogate_features(model, xs, chunk=chunk)
+                    w1, c1 = clocks()
+                    out = mad_batched(ym, p_s, h, **kw)
+                    w2, c2 = clocks()
+                if record:
+                    for key, val in (("wall", w2 - w0), ("cpu", c2 - c0), ("forward_wall", w1 - w0),
+                                     ("forward_cpu", c1 - c0)):
+                        fast[key].append(val)
+                return out
 
             batched(surrogate, xm)  # warm-up (candidate tables)
-            runs = []
+            for _ in range(3):  # 3 runs before the reference and 3 after, so a change of load hits both sides
+                batched(surrogate, xm, record=True)
+            slow_wall, slow_cpu = timed(lambda: mad_reference(surrogate, xm, ym, **kw), 1)
             for _ in range(3):
-                t0 = time.perf_counter()
-                batched(surrogate, xm)
-                runs.append(time.perf_counter() - t0)
-            t_fast = statistics.median(runs)
-            t0 = time.perf_counter()
-            mad_reference(surrogate, xm, ym, **kw)
-            t_slow = time.perf_counter() - t0
+                batched(surrogate, xm, record=True)
+            f = {k: statistics.median(v) for k, v in fast.items()}
             diff = batched(surrogate64, xm.double()) - mad_reference(surrogate64, xm.double(), ym, **kw)
             mad[f"{oracle}/{objective}"] = {
-                "batched_rows_per_s": len(xm) / t_fast, "reference_rows_per_s": len(xm) / t_slow,
-                "speedup": t_slow / t_fast, "max_abs_diff_float64": float(diff.abs().max())}
+                "batched_rows_per_s": len(xm) / f["wall"], "reference_rows_per_s": len(xm) / slow_wall,
+                "speedup": slow_wall / f["wall"], "speedup_cpu_time": slow_cpu / f["cpu"],
+                "max_abs_diff_float64": float(diff.abs().max()),
+                "batched_s": f["wall"], "batched_cpu_s": f["cpu"], "batched_forward_s": f["forward_wall"],
+                "batched_forward_cpu_s": f["forward_cpu"], "reference_s": slow_wall, "reference_cpu_s": slow_cpu,
+                "reference_jacobian_s": jac_wall, "reference_jacobian_cpu_s": jac_cpu,
+                "speedup_bound_free_oracle_cpu_time": slow_cpu / f["forward_cpu"]}
 
     result = {"command": "python " + " ".join(shlex.quote(a) for a in sys.argv), "arch": arch,
               "victim": args.victim or "random lenet5", "inputs": source, "rows": args.rows,
@@ -176,10 +217,15 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"{'defense step':55s} {'rows/s':>10s} {'x undefended':>13s}")
     for n, s in serve.items():
         print(f"{n:55s} {s['rows_per_s']:10.0f} {s['ratio_to_undefended']:13.2f}")
-    print(f"\nMAD on {len(xm)} queries: {'batched rows/s':>15s} {'reference rows/s':>17s} {'speedup':>8s} {'max diff':>9s}")
+    print(f"\nMAD on {len(xm)} queries: {'batched rows/s':>15s} {'reference rows/s':>17s} {'speedup':>8s} "
+          f"{'(cpu time)':>10s} {'max diff':>9s} {'bound':>6s}")
+    print("(bound: the cpu-time speedup if the batched oracle cost nothing, i.e. reference / batched forward)")
     for n, m in mad.items():
         print(f"{n:24s} {m['batched_rows_per_s']:15.0f} {m['reference_rows_per_s']:17.1f} {m['speedup']:8.0f} "
-              f"{m['max_abs_diff_float64']:9.1e}")
+              f"{m['speedup_cpu_time']:10.0f} {m['max_abs_diff_float64']:9.1e} "
+              f"{m['speedup_bound_free_oracle_cpu_time']:6.0f}")
+        print(f"{'':24s} batched {m['batched_cpu_s']:.4f} cpu-s (surrogate forward {m['batched_forward_cpu_s']:.4f}); "
+              f"reference {m['reference_cpu_s']:.3f} cpu-s (Jacobians alone {m['reference_jacobian_cpu_s']:.3f})")
     print(f"load average {os.getloadavg()}; wrote {out}")
     return json.loads(json.dumps(result, default=str))
 

@@ -1,4 +1,5 @@
-"""MAD: the batched closed form equals the per-example autograd-Jacobian reference."""
+"""MAD: the batched closed form equals the per-example autograd-Jacobian reference (all four oracle/objective
+combinations), and its speed-ups (chunks, channels-last surrogate) leave the answer unchanged."""
 
 from __future__ import annotations
 
@@ -6,7 +7,9 @@ import pytest
 import torch
 from _output_ctx import random_probs, random_x, tiny_net
 
-from misleader.defenses.mad import mad_batched, mad_reference, surrogate_features
+from misleader.defenses.mad import (jacobian_last_layer, mad_batched, mad_reference, prepare_surrogate,
+                                    surrogate_features, top_first)
+from misleader.models import create_model
 
 
 def _both(k: int, n: int, *, oracle: str, objective: str, epsilon: float, max_evals: int = 1024):
@@ -60,3 +63,38 @@ def test_batched_equals_reference_on_confident_answers(objective: str) -> None:
         fast = mad_batched(y, p_s, h, epsilon=0.5, oracle=oracle, objective=objective)
         slow = mad_reference(model, x, y, epsilon=0.5, oracle=oracle, objective=objective)
         assert (fast - slow).abs().max() < 1e-5
+
+
+def test_autograd_jacobian_is_the_closed_form() -> None:
+    """Row k of the reference's Jacobian is (p_s - e_k) (x) h (note 1b): the identity the batched path rests on."""
+    model = tiny_net(7)
+    x = random_x(3, seed=8).double()
+    with torch.no_grad():
+        p_s, h = surrogate_features(model, x)
+    for i in range(len(x)):
+        g = jacobian_last_layer(model, x[i : i + 1])
+        closed = (p_s[i][None] - torch.eye(10, dtype=torch.float64))[:, :, None] * h[i][None, None]  # (K, K, F)
+        assert torch.allclose(g, closed.flatten(1), atol=1e-12)
+
+
+def test_chunks_and_channels_last_do_not_change_the_answer() -> None:
+    torch.manual_seed(0)
+    model = create_model("lenet5", in_channels=1, num_classes=10).eval()
+    x, y = torch.rand(7, 1, 32, 32), random_probs(7, seed=3)
+    with torch.no_grad():
+        p_s, h = surrogate_features(model, x)
+        prepare_surrogate(model)
+        assert model.net.features[0].weight.is_contiguous(memory_format=torch.channels_last)
+        p_c, h_c = surrogate_features(model, x, chunk=3)
+    assert torch.allclose(p_s, p_c, atol=1e-6) and torch.allclose(h, h_c, atol=1e-5)
+    for oracle in ("extreme", "argmax"):
+        whole = mad_batched(y, p_s, h, epsilon=0.5, oracle=oracle, objective="angular", chunk=7)
+        assert torch.equal(whole, mad_batched(y, p_s, h, epsilon=0.5, oracle=oracle, objective="angular", chunk=2))
+
+
+def test_top_first_puts_the_argmax_first_then_the_rest_in_order() -> None:
+    y = random_probs(50, seed=9)
+    perm = top_first(y)
+    for row, p in zip(y, perm.tolist()):
+        top = int(row.argmax())
+        assert p == [top, *[j for j in range(10) if j != top]]

@@ -13,9 +13,19 @@ softmax and ``h`` its penultimate features, so ``G^T v = (p_s - v) (x) h`` for a
   ``|| G^T y*/||G^T y*|| - G^T y/||G^T y|| ||^2 = || (p_s - y*)/||p_s - y*|| - (p_s - y)/||p_s - y|| ||^2``;
 * ``objective="plain"`` (``objmax=False``): ``||G^T (y* - y)||^2 = ||y* - y||^2 ||h||^2``.
 
-The batched path (:meth:`MADStep.__call__`) needs one surrogate forward and a (B, candidates, K)
-tensor operation; :func:`mad_reference` is the slow per-example path with the explicit autograd
-Jacobian that the tests compare it against.
+The batched path (:meth:`MADStep.__call__`) needs one surrogate forward (``p_s`` and ``h`` from it) and,
+per quadratic form of the objective, one (B, K+2) x (K+2, candidates) product. On CPU the forward runs in
+:data:`CPU_CHUNK`-row pieces with channels-last conv weights (the step converts its surrogate in place,
+:func:`prepare_surrogate`) and the oracle in :data:`ORACLE_CHUNK`-row pieces; the answers do not depend
+on either. On 1,000 MNIST queries with a LeNet5 surrogate (one thread) the forward is most of the time:
+see ``bench/bench_output_defenses.py``.
+
+:func:`mad_reference` is the slow per-example path the tests compare against, structured as the reference
+code: per query, the explicit autograd Jacobian (one forward, one ``autograd.grad`` per class, as its
+``compute_jacobian_nll``), then the oracle's loop over candidates, then the line search. Its loop is in
+NumPy float64 for both oracles (the reference's ``argmax`` oracle loops in NumPy, its ``extreme`` one in
+torch) and computes ``G^T y`` once per query (the reference recomputes it for every candidate); both
+choices only make the reference faster.
 
 Oracles: ``extreme`` (candidates: the K one-hot vectors) and ``argmax`` (candidates: uniform over a
 class subset that contains ``argmax y``, +1e-5 on the argmax; all 2^(K-1) subsets for K <= 10, a greedy
@@ -23,6 +33,8 @@ set-growing search with at most ``max_evals`` evaluations above), which keeps th
 
 Deviations from the reference code:
     * batched closed form instead of K backward passes per example (same objective values);
+    * all computations of the objective in float64 (the reference: float32), and near-ties (within 1e-12
+      relative) go to the first candidate (the reference: the first strict maximum);
     * ``argmax`` candidates are renormalised after the +1e-5 (the reference leaves them summing to
       1 + 1e-5, so its answers leave the simplex by up to 1e-5);
     * the surrogate's last Linear layer is found by type (the reference takes ``params[-2]``, which
@@ -39,6 +51,7 @@ import functools
 import itertools
 from typing import Any, Callable, ClassVar
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -67,15 +80,32 @@ def last_linear(model: nn.Module) -> nn.Linear:
     return layers[-1]
 
 
-def surrogate_features(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(p_s (N, K), h (N, F))``: the surrogate's softmax and the input of its last Linear layer."""
+#: rows per surrogate forward on CPU: a LeNet5's first feature maps for 256 rows stay in cache (the forward on
+#: 1,000 rows in one piece is ~1.5x slower on one thread)
+CPU_CHUNK = 256
+
+
+def surrogate_features(model: nn.Module, x: torch.Tensor, *,
+                       chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(p_s (N, K), h (N, F))`` float64: the surrogate's softmax and the input of its last Linear layer, from
+    one forward (in ``chunk``-row pieces when given; None: one piece)."""
     seen: list[torch.Tensor] = []
     handle = last_linear(model).register_forward_hook(lambda _m, inp, _out: seen.append(inp[0]))
     try:
-        logits = model(x)
+        logits = torch.cat([model(xb) for xb in (x.split(chunk) if chunk else (x,))])
     finally:
         handle.remove()
-    return torch.softmax(logits.double(), dim=1), seen[-1].double().flatten(1)
+    return torch.softmax(logits.double(), dim=1), torch.cat(seen).double().flatten(1)
+
+
+def prepare_surrogate(model: nn.Module) -> nn.Module:
+    """``model`` in eval mode and, on CPU, with channels-last conv weights (in place): oneDNN's NHWC convolutions
+    make a LeNet5 forward ~1.6x faster on one thread; a model without conv weights is unchanged."""
+    model.eval()
+    params = list(model.parameters())
+    if params and params[0].device.type == "cpu" and any(p.dim() == 4 for p in params):
+        model.to(memory_format=torch.channels_last)
+    return model
 
 
 @functools.lru_cache(maxsize=16)
@@ -99,10 +129,9 @@ def _uniform_on(mask: torch.Tensor, *, top: int | torch.Tensor) -> torch.Tensor:
 
 def top_first(y: torch.Tensor) -> torch.Tensor:
     """(B, K) int64 permutation per row: the argmax class first, then the others in increasing order."""
-    b, k = y.shape
     top = y.argmax(dim=1, keepdim=True)
-    others = torch.arange(k, device=y.device).expand(b, k)
-    return torch.cat([top, others[others != top].view(b, k - 1)], dim=1)
+    rest = torch.arange(y.shape[1] - 1, device=y.device).expand(len(y), -1)
+    return torch.cat([top, rest + (rest >= top)], dim=1)  # column j >= 1: class j - 1, or j past the top
 
 
 def as_simplex(y: torch.Tensor) -> torch.Tensor:
@@ -192,70 +221,147 @@ def closed_form_score(p_s: torch.Tensor, h: torch.Tensor, y: torch.Tensor, *, ob
 
     angular: ``2 - 2 cos(p_s - c, p_s - y)`` (= the squared distance of the unit vectors); plain:
     ``||c - y||^2 ||h||^2``. Shapes: p_s, y (B, K), h (B, F).
+
+    Candidates shared by all rows (M, K) (``extreme``, enumerated ``argmax``): each quadratic form is one
+    (B, K+2) x (K+2, M) product of row and candidate vectors augmented with their squared norms, then a
+    few in-place (B, M) passes. Per-row candidates (B, M, K) (the greedy search): batched products.
     """
     hn2 = h.pow(2).sum(dim=1, keepdim=True)  # (B, 1)
 
     def make(perm: torch.Tensor | None) -> Score:
         ps, yy = (p_s, y) if perm is None else (p_s.gather(1, perm), y.gather(1, perm))
+        ones = torch.ones_like(hn2)
         if objective == "angular":
             v = ps - yy
-            pv, pp, nv = (ps * v).sum(1, keepdim=True), (ps * ps).sum(1, keepdim=True), v.norm(dim=1, keepdim=True)
+            nv = v.norm(dim=1, keepdim=True).clamp_min(1e-12)
+            pv, pp = (ps * v).sum(1, keepdim=True), (ps * ps).sum(1, keepdim=True)
+            rows_n2 = torch.cat([ps, pp, ones], dim=1)  # . [-2c, 1, |c|^2] = ||p_s - c||^2
+            rows_num = torch.cat([v, pv], dim=1) / nv  # . [-c, 1] = (p_s - c) . v / ||v||
 
             def angular(c: torch.Tensor) -> torch.Tensor:
-                n2 = pp - 2 * _dots(c, ps) + c.pow(2).sum(dim=-1)  # ||p_s - c||^2
-                cos = (pv - _dots(c, v)) / (n2.clamp_min(0).sqrt().clamp_min(1e-12) * nv.clamp_min(1e-12))
-                return 2 - 2 * cos
+                if c.dim() == 3:
+                    n2 = pp - 2 * _dots(c, ps) + c.pow(2).sum(dim=-1)
+                    return 2 - 2 * (pv - _dots(c, v)) / (n2.clamp_min(0).sqrt().clamp_min(1e-12) * nv)
+                one = torch.ones_like(c[:, :1])
+                den = (rows_n2 @ torch.cat([-2 * c, one, c.pow(2).sum(1, keepdim=True)], dim=1).T)
+                den = den.clamp_(min=1e-24).sqrt_()  # = max(||p_s - c||, 1e-12)
+                return torch.addcdiv(torch.full_like(c[:1, 0], 2.0), rows_num @ torch.cat([-c, one], 1).T, den,
+                                     value=-2)
 
             return angular
         yn2 = yy.pow(2).sum(dim=1, keepdim=True)
-        return lambda c: (c.pow(2).sum(dim=-1) - 2 * _dots(c, yy) + yn2) * hn2
+        rows = torch.cat([-2 * yy, yn2, ones], dim=1) * hn2  # . [c, 1, |c|^2] = ||c - y||^2 ||h||^2
+
+        def plain(c: torch.Tensor) -> torch.Tensor:
+            if c.dim() == 3:
+                return (c.pow(2).sum(dim=-1) - 2 * _dots(c, yy) + yn2) * hn2
+            return rows @ torch.cat([c, torch.ones_like(c[:, :1]), c.pow(2).sum(1, keepdim=True)], dim=1).T
+
+        return plain
 
     return make
 
 
+#: rows per oracle pass on CPU: the (256, 512) float64 scores of the ``argmax`` oracle (1 MB) stay in a core's
+#: L2 cache (on 1,000 rows in one piece the passes over 4 MB arrays were ~1.8x slower on one thread)
+ORACLE_CHUNK = 256
+
+
 def mad_batched(y: torch.Tensor, p_s: torch.Tensor, h: torch.Tensor, *, epsilon: float, oracle: str,
-                objective: str, max_evals: int = 1024) -> torch.Tensor:
-    """MAD's answer (B, K) float64 for answers ``y`` (B, K), surrogate softmax ``p_s`` (B, K), features ``h`` (B, F)."""
+                objective: str, max_evals: int = 1024, chunk: int | None = None) -> torch.Tensor:
+    """MAD's answer (B, K) float64 for answers ``y`` (B, K), surrogate softmax ``p_s`` (B, K), features ``h`` (B, F).
+
+    The oracle runs on ``chunk`` rows at a time (None: :data:`ORACLE_CHUNK` on CPU, all rows on other devices);
+    rows are independent, so the answer does not depend on it.
+    """
     y, p_s, h = as_simplex(y), p_s.double(), h.double()
-    target = oracle_target(y, closed_form_score(p_s, h, y, objective=objective), oracle=oracle, max_evals=max_evals)
+    if chunk is None:
+        chunk = ORACLE_CHUNK if y.device.type == "cpu" else max(len(y), 1)
+    target = torch.cat([
+        oracle_target(yc, closed_form_score(pc, hc, yc, objective=objective), oracle=oracle, max_evals=max_evals)
+        for yc, pc, hc in zip(y.split(chunk), p_s.split(chunk), h.split(chunk))]) if len(y) else y
     return line_search(y, target, epsilon=epsilon)
 
 
 def jacobian_last_layer(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """(K, D): row k = d(-log softmax_k(model(x)))/d(last Linear weight), flattened; ``x`` is one row (1, C, H, W)."""
+    """(K, D): row k = d(-log softmax_k(model(x)))/d(last Linear weight), flattened; ``x`` is one row (1, C, H, W).
+
+    As the reference's ``compute_jacobian_nll``: one forward, then one ``autograd.grad`` per class on the last
+    weight only (``retain_graph``), so each backward stops at that layer.
+    """
     w = last_linear(model).weight
     with torch.inference_mode(False), torch.enable_grad():
-        logp = torch.log_softmax(model(x.clone()), dim=1)[0]
-        rows = [torch.autograd.grad(-logp[k], w, retain_graph=True)[0].flatten() for k in range(logp.shape[0])]
+        nlls = -torch.log_softmax(model(x.clone()), dim=1)[0]
+        rows = [torch.autograd.grad(nlls[k], w, retain_graph=True)[0].flatten() for k in range(nlls.shape[0])]
     return torch.stack(rows).double()
+
+
+def _jacobian_score(g: torch.Tensor, y: torch.Tensor, *, objective: str) -> Score:
+    """One row's objective on ``G^T v`` with the explicit Jacobian ``g`` (K, D); candidates (M, K) or (1, M, K)."""
+    gy = y @ g  # (1, D)
+
+    def score(c: torch.Tensor) -> torch.Tensor:
+        gc = torch.matmul(c, g).reshape(1, -1, g.shape[1])  # (1, M, D)
+        if objective == "angular":
+            return (_unit(gc) - _unit(gy)[:, None]).pow(2).sum(dim=-1)
+        return (gc - gy[:, None]).pow(2).sum(dim=-1)
+
+    return score
+
+
+def _candidate_loop(gt: np.ndarray, y: np.ndarray, cands: np.ndarray, *, objective: str) -> np.ndarray:
+    """(M,) objective values, one candidate at a time as the reference's oracles (``calc_objective_numpy`` /
+    ``calc_surrogate_objective_numpy``): ``gt`` (D, K) = G^T, ``y`` (K,), ``cands`` (M, K)."""
+    v = gt @ y
+    if objective == "angular":
+        v = v / max(float(np.linalg.norm(v)), 1e-12)
+    out = np.empty(len(cands))
+    for i, c in enumerate(cands):
+        u = gt @ c
+        if objective == "angular":
+            u = u / max(float(np.linalg.norm(u)), 1e-12)
+        d = u - v
+        out[i] = d @ d
+    return out
+
+
+def reference_target(g: torch.Tensor, y: torch.Tensor, *, oracle: str, objective: str,
+                     max_evals: int = 1024) -> torch.Tensor:
+    """The target ``y*`` (1, K) of one row from its explicit Jacobian ``g`` (K, D) float64 and answer ``y`` (1, K).
+
+    As the reference's ``oracle_extreme`` / ``oracle_argmax_preserving``: a loop over the candidates, ``G^T`` times
+    each. K > 10 ``argmax``: the greedy search, each round's candidates in one product (as the reference's
+    ``oracle_argmax_preserving_approx_gpu``). Ties: the first candidate within rounding (:func:`first_best`).
+    """
+    k = y.shape[1]
+    if oracle == "argmax" and k > ENUM_MAX_K:
+        return _greedy_target(y, _jacobian_score(g, y, objective=objective), max_evals=max_evals)
+    if oracle == "extreme":
+        perm, cands = None, torch.eye(k, dtype=torch.float64)
+        gt, yv = g.T.numpy(), y[0].numpy()
+    else:  # candidates in top-first coordinates: permute G's rows and y alike (G^T y is unchanged)
+        perm, cands = top_first(y), argmax_candidates(k)
+        gt, yv = g[perm[0]].T.numpy(), y[0, perm[0]].numpy()
+    scores = torch.from_numpy(_candidate_loop(np.ascontiguousarray(gt), yv, cands.numpy(), objective=objective))
+    chosen = cands[first_best(scores[None])]  # (1, K)
+    return chosen if perm is None else torch.zeros_like(y).scatter(1, perm, chosen)
 
 
 def mad_reference(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epsilon: float, oracle: str,
                   objective: str, max_evals: int = 1024) -> torch.Tensor:
-    """The slow reference: one example at a time, explicit autograd Jacobian ``G`` (K, D), objective on ``G^T v``.
+    """The slow reference, one example at a time as the reference code: the explicit autograd Jacobian ``G`` (K, D)
+    (:func:`jacobian_last_layer`), the oracle's loop over candidates on ``G^T v`` (:func:`reference_target`), the
+    line search.
 
     Shapes: x (N, C, H, W), y (N, K) -> (N, K) float64. Used by the tests and the benchmark only.
     """
     out = []
     for i in range(len(x)):
-        g = jacobian_last_layer(model, x[i : i + 1])  # (K, D)
-        yi = as_simplex(y[i : i + 1])
-
-        def make(perm: torch.Tensor | None, g: torch.Tensor = g, yi: torch.Tensor = yi) -> Score:
-            gp = g if perm is None else g[perm[0]]
-            gy = (yi if perm is None else yi.gather(1, perm)) @ gp  # (1, D)
-
-            def score(c: torch.Tensor) -> torch.Tensor:
-                gc = torch.matmul(c, gp).reshape(1, -1, gp.shape[1])  # (1, M, D)
-                if objective == "angular":
-                    return (_unit(gc) - _unit(gy)[:, None]).pow(2).sum(dim=-1)
-                return (gc - gy[:, None]).pow(2).sum(dim=-1)
-
-            return score
-
-        target = oracle_target(yi, make, oracle=oracle, max_evals=max_evals)
+        g = jacobian_last_layer(model, x[i : i + 1]).cpu()  # (K, D)
+        yi = as_simplex(y[i : i + 1]).cpu()
+        target = reference_target(g, yi, oracle=oracle, objective=objective, max_evals=max_evals)
         out.append(line_search(yi, target, epsilon=epsilon))
-    return torch.cat(out)
+    return torch.cat(out).to(y.device)
 
 
 @register_step
@@ -284,7 +390,7 @@ class MADStep(OutputStep):
         if not 0 <= epsilon <= 2:
             raise MisleaderError(f"mad: epsilon is an L1 budget in [0, 2], got {epsilon}")
         last_linear(surrogate)
-        self.surrogate, self.surrogate_name = surrogate.eval(), surrogate_name
+        self.surrogate, self.surrogate_name = prepare_surrogate(surrogate), surrogate_name
         self.epsilon, self.oracle, self.objective, self.max_evals = float(epsilon), oracle, objective, int(max_evals)
         self.l1_bound = self.epsilon
         self.preserves_argmax = oracle == "argmax"  # type: ignore[misc]  (per instance: depends on the oracle)
@@ -304,7 +410,7 @@ class MADStep(OutputStep):
 
     def __call__(self, probs: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            p_s, h = surrogate_features(self.surrogate, x)
+            p_s, h = surrogate_features(self.surrogate, x, chunk=CPU_CHUNK if x.device.type == "cpu" else None)
         out = mad_batched(probs.to(p_s.device), p_s, h, epsilon=self.epsilon, oracle=self.oracle,
                           objective=self.objective, max_evals=self.max_evals)
         return out.to(probs.device, torch.float32)
