@@ -7,7 +7,8 @@ Parameter counts for 1x32x32 / 10 classes: lenet5 61,706; lenet5_half 15,738; le
 
 The 2x2 max-pools are :class:`MaxPool2x2`: on CPU, PyTorch's NCHW ``max_pool2d`` kernel is slow for
 these small maps (about 7x slower than the element-wise maximum of the four strided views at 28x28);
-the module computes exactly the same values and the same gradients (see its docstring).
+the module computes exactly the same values and the same gradients (see its docstring). For the same
+reason each ReLU runs after its pool (the same function, see :class:`LeNet5`).
 """
 
 from __future__ import annotations
@@ -27,20 +28,22 @@ class _MaxPool2x2Function(torch.autograd.Function):
         top = torch.maximum(x[..., 0:h:2, 0:w:2], x[..., 0:h:2, 1:w:2])
         bottom = torch.maximum(x[..., 1:h:2, 0:w:2], x[..., 1:h:2, 1:w:2])
         out = torch.maximum(top, bottom)
-        ctx.save_for_backward(x, top, bottom, out)
+        ctx.save_for_backward(x, top, bottom)
         return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # noqa: D102
-        x, top, bottom, out = ctx.saved_tensors
+        x, top, bottom = ctx.saved_tensors
         width = x.shape[-1]
-        oh, ow = out.shape[-2:]
+        oh, ow = top.shape[-2:]
         # max_pool2d's index: the first maximum in row-major order within the window (NaN aside)
-        row = top != out  # the maximum is not in the top row
-        col = torch.where(row, x[..., 1:2 * oh:2, 0:2 * ow:2] != bottom, x[..., 0:2 * oh:2, 0:2 * ow:2] != top)
+        row = bottom > top  # the (first) maximum is not in the top row
+        # the first maximum is in the right column (bool algebra: torch.where is slow on CPU here)
+        col = (row & (x[..., 1:2 * oh:2, 0:2 * ow:2] != bottom)) | ((x[..., 0:2 * oh:2, 0:2 * ow:2] != top) & ~row)
         base = (torch.arange(oh, device=x.device).mul_(2 * width).view(oh, 1)
                 + torch.arange(ow, device=x.device).mul_(2).view(1, ow))
-        index = row.long().mul_(width).add_(col).add_(base)
+        offset_dtype = torch.int16 if width < 2**14 else torch.int64
+        index = base + row.to(offset_dtype).mul_(width).add_(col)
         return torch.ops.aten.max_pool2d_with_indices_backward(grad, x, [2, 2], [2, 2], [0, 0], [1, 1], False,
                                                                index)
 
@@ -70,6 +73,10 @@ class MaxPool2x2(nn.MaxPool2d):
 class LeNet5(nn.Module):
     """conv5 c->a, pool, conv5 a->b, pool, conv5 b->c2, fc c2->f, fc f->K, ReLU.
 
+    Each pool comes before its ReLU: ``relu(max_pool(x)) == max_pool(relu(x))`` exactly, with the same
+    gradients (the first maximum of a window is the same element when the maximum is positive, and
+    the gradient is zero otherwise), and the ReLU then touches a quarter of the elements.
+
     Shape: (N, C, 32, 32) -> (N, K).
     """
 
@@ -77,8 +84,8 @@ class LeNet5(nn.Module):
         super().__init__()
         c1, c2, c3, f = widths
         self.features = nn.Sequential(
-            nn.Conv2d(in_channels, c1, 5), nn.ReLU(inplace=True), MaxPool2x2(),
-            nn.Conv2d(c1, c2, 5), nn.ReLU(inplace=True), MaxPool2x2(),
+            nn.Conv2d(in_channels, c1, 5), MaxPool2x2(), nn.ReLU(inplace=True),
+            nn.Conv2d(c1, c2, 5), MaxPool2x2(), nn.ReLU(inplace=True),
             nn.Conv2d(c2, c3, 5), nn.ReLU(inplace=True),
         )
         self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(c3, f), nn.ReLU(inplace=True), nn.Linear(f, num_classes))
