@@ -13,6 +13,13 @@ The two kinds of step alternate within each round (the order flips every round) 
 other processes hits both alike; the ratio is of the medians. Variants: the default inner loop
 (``a_iter = 1``), ``a_iter = 5`` real steps, and the reference's literal accumulate-5 loop.
 
+The *arithmetic floor* is timed in the same rounds: a train-mode forward + backward of a member on
+B images (``fb_B``), on 2B images (``fb_2B``) and a no-grad forward on B (``f_B``). A MISLEADER step
+(``a_iter = 1``) needs at least ``fb_2B`` (d on the clean and augmented batches, one forward and one
+backward), ``fb_B`` (the clone update) and ``f_B`` (the updated clone on the augmented batch); plain
+KD needs ``fb_B``. ``floor_ratio = (fb_2B + fb_B + f_B) / fb_B`` is what the step ratio approaches
+with free augmentation, losses and optimiser steps.
+
 Usage::
 
     python bench/bench_misleader_step.py                      # lenet5 members, MNIST shapes, CPU, 1 thread
@@ -25,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import statistics
 import sys
@@ -82,6 +90,24 @@ def main(argv: list[str] | None = None) -> dict:
         s = create_model(args.arch, in_channels=c, num_classes=10) if cfg.lam > 0 else None
         trainers[name] = MemberTrainer(config=cfg, defense=d, clone=s, device=dev, total_steps=10**6)
 
+    floor_model = create_model(args.arch, in_channels=c, num_classes=10).to(dev).train()
+
+    def floor_part(kind: str) -> float:
+        idx = torch.randint(0, n, (2 * bs if kind == "fb_2B" else bs,), generator=g).to(dev)
+        x = to_unit(data[idx])
+        _sync(dev)
+        t0 = time.perf_counter()
+        if kind == "f_B":
+            with torch.no_grad(), autocast(dev):
+                floor_model(x)
+        else:
+            with autocast(dev):
+                out = floor_model(x)
+            out.float().logsumexp(1).mean().backward()
+            floor_model.zero_grad(set_to_none=True)
+        _sync(dev)
+        return time.perf_counter() - t0
+
     def one_step(name: str, i: int) -> tuple[float, float]:
         tr = trainers[name]
         _sync(dev)
@@ -106,8 +132,11 @@ def main(argv: list[str] | None = None) -> dict:
         return time.perf_counter() - t0, t_aug
 
     times: dict[str, list[float]] = {k: [] for k in variants}
+    floor_parts = ("fb_B", "fb_2B", "f_B")
+    floor_times: dict[str, list[float]] = {k: [] for k in floor_parts}
     aug_times: list[float] = []
     names = list(variants)
+    load = [os.getloadavg()]
     for r in range(args.warmup + args.rounds):
         order = names if r % 2 == 0 else names[::-1]
         for name in order:
@@ -116,7 +145,13 @@ def main(argv: list[str] | None = None) -> dict:
                 times[name].append(dt)
                 if name == "misleader":
                     aug_times.append(ta)
+        for kind in floor_parts:
+            dt = floor_part(kind)
+            if r >= args.warmup:
+                floor_times[kind].append(dt)
+    load.append(os.getloadavg())
     med = {k: statistics.median(v) for k, v in times.items()}
+    fmed = {k: statistics.median(v) for k, v in floor_times.items()}
     result = {
         "benchmark": "misleader_step",
         "command": "python " + " ".join(shlex.quote(a) for a in
@@ -127,12 +162,16 @@ def main(argv: list[str] | None = None) -> dict:
         "mean_ms": {k: round(statistics.fmean(v) * 1e3, 3) for k, v in times.items()},
         "augmentation_median_ms": round(statistics.median(aug_times) * 1e3, 3),
         "ratio_to_kd": {k: round(v / med["kd"], 3) for k, v in med.items() if k != "kd"},
+        "floor_median_ms": {k: round(v * 1e3, 3) for k, v in fmed.items()},
+        "floor_ratio": round((fmed["fb_2B"] + fmed["fb_B"] + fmed["f_B"]) / fmed["fb_B"], 3),
+        "loadavg_start_end": [list(map(float, x)) for x in load],
         "environment": environment(),
     }
     out = Path(args.out) if args.out else Path(__file__).resolve().parent / "results" / \
         f"misleader_step_{args.arch}_{dev.type}_{args.teacher}.json"
     write_json(out, result)
-    print(json.dumps({k: result[k] for k in ("median_ms", "augmentation_median_ms", "ratio_to_kd")}, indent=2))
+    print(json.dumps({k: result[k] for k in ("median_ms", "augmentation_median_ms", "ratio_to_kd", "floor_median_ms",
+                                             "floor_ratio", "loadavg_start_end")}, indent=2))
     print(f"wrote {out}")
     return result
 

@@ -19,8 +19,10 @@ model's first layer (DESIGN.md), so it is not part of augmentation.
 Deviations from the reference (torchvision on PIL images, one image at a time):
 
 - Batched float tensors instead of uint8 PIL images: no rounding to 8 bits between steps, and
-  resampling by kornia (bilinear crop-resize with ``align_corners=True``; no antialiasing, which
-  hardly matters for the mild 0.8-1.0 crops).
+  bilinear crop-resize with ``align_corners=True`` (no antialiasing, which hardly matters for the
+  mild 0.8-1.0 crops). Crop and flip are drawn by kornia's modules and applied together in one
+  batched ``grid_sample`` (:class:`ResizedCropFlip`; kornia resizes each image's crop separately):
+  the same draws and the same images up to float rounding (``tests/data/test_augment_fused.py``).
 - ColorJitter's random order of brightness / contrast / saturation is drawn once per batch, not
   once per image (the factors are still drawn per image).
 - One-channel images (MNIST family): only brightness and contrast are jittered and the grayscale
@@ -114,7 +116,9 @@ class ResizedCropFlip(nn.Module):
         v = torch.linspace(-1.0, 1.0, oh, device=x.device, dtype=x.dtype) if oh > 1 else x.new_zeros(1)
         gx = sx[:, None] * u + ((x1 + x2) / max(w - 1, 1) - 1)[:, None]  # (N, W_out)
         gy = ((y2 - y1) / max(h - 1, 1))[:, None] * v + ((y1 + y2) / max(h - 1, 1) - 1)[:, None]  # (N, H_out)
-        grid = torch.stack([gx[:, None, :].expand(n, oh, ow), gy[:, :, None].expand(n, oh, ow)], dim=-1)
+        # (N, 1, W_out, 2) = (gx, 0) plus (N, H_out, 1, 2) = (0, gy): one broadcast add builds the grid
+        grid = torch.stack([gx, torch.zeros_like(gx)], dim=-1)[:, None] + \
+            torch.stack([torch.zeros_like(gy), gy], dim=-1)[:, :, None]
         # the crop lies inside the image: border padding only guards against rounding at the edges
         return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=True)
 
