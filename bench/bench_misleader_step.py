@@ -20,6 +20,11 @@ backward), ``fb_B`` (the clone update) and ``f_B`` (the updated clone on the aug
 KD needs ``fb_B``. ``floor_ratio = (fb_2B + fb_B + f_B) / fb_B`` is what the step ratio approaches
 with free augmentation, losses and optimiser steps.
 
+``--baseline`` also times, in the same rounds, ``kd_baseline`` and ``misleader_baseline``: the same
+steps with the implementation before the issue-10 speed-ups (the strong augmentation built from
+kornia modules only, whose crop resizes image by image, and LeNet's reference layout conv, ReLU,
+``nn.MaxPool2d``); a before/after comparison under the same load.
+
 Usage::
 
     python bench/bench_misleader_step.py                      # lenet5 members, MNIST shapes, CPU, 1 thread
@@ -53,6 +58,39 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _baseline_model(arch: str, *, in_channels: int, num_classes: int) -> torch.nn.Module:
+    """``create_model`` with, for the LeNet-5 family, the reference layout conv, ReLU, ``nn.MaxPool2d(2, 2)``."""
+    from torch import nn
+
+    from misleader.models.lenet import LeNet5
+
+    model = create_model(arch, in_channels=in_channels, num_classes=num_classes)
+    net = getattr(model, "net", model)
+    if isinstance(net, LeNet5):
+        f = net.features
+        net.features = nn.Sequential(f[0], nn.ReLU(inplace=True), nn.MaxPool2d(2, 2),
+                                     f[3], nn.ReLU(inplace=True), nn.MaxPool2d(2, 2), f[6], f[7])
+    return model
+
+
+def _baseline_strong(channels: int) -> torch.nn.Module:
+    """The strong augmentation built from kornia modules only (kornia's per-image crop-resize), clamped."""
+    import kornia.augmentation as K
+    from torch import nn
+
+    class Clamped(nn.Sequential):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+            return super().forward(x).clamp(0.0, 1.0)
+
+    mods = [K.RandomResizedCrop((32, 32), scale=(0.8, 1.0), p=1.0), K.RandomHorizontalFlip(p=0.5),
+            K.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.4 if channels == 3 else 0.0, hue=0.0, p=1.0)]
+    if channels == 3:
+        mods.append(K.RandomGrayscale(p=0.2))
+    mods.append(K.RandomAffine(degrees=15, translate=(0.1, 0.1), scale=(0.9, 1.1), resample="nearest",
+                               padding_mode="zeros", p=1.0))
+    return Clamped(*mods)
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--arch", default="lenet5", help="member (and inner clone) architecture")
@@ -65,6 +103,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--teacher", choices=["cached", "forward"], default="cached")
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default=None)
+    p.add_argument("--baseline", action="store_true",
+                   help="also time the pre-speed-up implementation (kornia-only augmentation, reference LeNet layout)")
     args = p.parse_args(argv)
 
     dev = resolve_device(args.device)
@@ -83,11 +123,17 @@ def main(argv: list[str] | None = None) -> dict:
 
     variants = {"kd": {"lam": 0.0}, "misleader": {}, "misleader_a_iter5": {"a_iter": 5},
                 "misleader_reference_accumulate5": dict(REFERENCE_INNER)}
+    augs = {name: strong for name in variants}
+    build = {name: create_model for name in variants}
+    if args.baseline:
+        variants.update(kd_baseline={"lam": 0.0}, misleader_baseline={})
+        augs.update(kd_baseline=None, misleader_baseline=_baseline_strong(c).to(dev))
+        build.update(kd_baseline=_baseline_model, misleader_baseline=_baseline_model)
     trainers = {}
     for name, ov in variants.items():
         cfg = member_config(args.arch, epochs=1, overrides={"batch_size": bs, **ov})
-        d = create_model(args.arch, in_channels=c, num_classes=10)
-        s = create_model(args.arch, in_channels=c, num_classes=10) if cfg.lam > 0 else None
+        d = build[name](args.arch, in_channels=c, num_classes=10)
+        s = build[name](args.arch, in_channels=c, num_classes=10) if cfg.lam > 0 else None
         trainers[name] = MemberTrainer(config=cfg, defense=d, clone=s, device=dev, total_steps=10**6)
 
     floor_model = create_model(args.arch, in_channels=c, num_classes=10).to(dev).train()
@@ -124,7 +170,7 @@ def main(argv: list[str] | None = None) -> dict:
         if tr.uses_clone:
             ta = time.perf_counter()
             aidx = torch.randint(0, n, (bs,), generator=g).to(dev)
-            x_aug = augment(strong, to_unit(data[aidx]), generator=g)
+            x_aug = augment(augs[name], to_unit(data[aidx]), generator=g)
             _sync(dev)
             t_aug = time.perf_counter() - ta
         tr.step(x, y, t_logits, x_aug)
@@ -134,7 +180,7 @@ def main(argv: list[str] | None = None) -> dict:
     times: dict[str, list[float]] = {k: [] for k in variants}
     floor_parts = ("fb_B", "fb_2B", "f_B")
     floor_times: dict[str, list[float]] = {k: [] for k in floor_parts}
-    aug_times: list[float] = []
+    aug_times: dict[str, list[float]] = {}
     names = list(variants)
     load = [os.getloadavg()]
     for r in range(args.warmup + args.rounds):
@@ -143,8 +189,8 @@ def main(argv: list[str] | None = None) -> dict:
             dt, ta = one_step(name, r)
             if r >= args.warmup:
                 times[name].append(dt)
-                if name == "misleader":
-                    aug_times.append(ta)
+                if name in ("misleader", "misleader_baseline"):
+                    aug_times.setdefault(name, []).append(ta)
         for kind in floor_parts:
             dt = floor_part(kind)
             if r >= args.warmup:
@@ -160,18 +206,26 @@ def main(argv: list[str] | None = None) -> dict:
         "channels": c, "device": str(dev), "threads": torch.get_num_threads(), "rounds": args.rounds,
         "median_ms": {k: round(v * 1e3, 3) for k, v in med.items()},
         "mean_ms": {k: round(statistics.fmean(v) * 1e3, 3) for k, v in times.items()},
-        "augmentation_median_ms": round(statistics.median(aug_times) * 1e3, 3),
-        "ratio_to_kd": {k: round(v / med["kd"], 3) for k, v in med.items() if k != "kd"},
+        "augmentation_median_ms": round(statistics.median(aug_times["misleader"]) * 1e3, 3),
+        "ratio_to_kd": {k: round(v / med["kd"], 3) for k, v in med.items() if k != "kd" and "baseline" not in k},
         "floor_median_ms": {k: round(v * 1e3, 3) for k, v in fmed.items()},
         "floor_ratio": round((fmed["fb_2B"] + fmed["fb_B"] + fmed["f_B"]) / fmed["fb_B"], 3),
         "loadavg_start_end": [list(map(float, x)) for x in load],
         "environment": environment(),
     }
+    if args.baseline:
+        result["baseline"] = {
+            "augmentation_median_ms": round(statistics.median(aug_times["misleader_baseline"]) * 1e3, 3),
+            "misleader_ratio_to_kd": round(med["misleader_baseline"] / med["kd_baseline"], 3),
+            "speedup_kd": round(med["kd_baseline"] / med["kd"], 3),
+            "speedup_misleader": round(med["misleader_baseline"] / med["misleader"], 3),
+        }
     out = Path(args.out) if args.out else Path(__file__).resolve().parent / "results" / \
         f"misleader_step_{args.arch}_{dev.type}_{args.teacher}.json"
     write_json(out, result)
     print(json.dumps({k: result[k] for k in ("median_ms", "augmentation_median_ms", "ratio_to_kd", "floor_median_ms",
-                                             "floor_ratio", "loadavg_start_end")}, indent=2))
+                                             "floor_ratio", "loadavg_start_end", "baseline") if k in result},
+                     indent=2))
     print(f"wrote {out}")
     return result
 
