@@ -87,7 +87,7 @@ class ResizedCropFlip(nn.Module):
     box ``[x1, x2] x [y1, y2]`` (inclusive pixel corners) maps output column ``j`` to
     ``x1 + j (x2 - x1) / (W - 1)`` (``x2 - j (x2 - x1) / (W - 1)`` when flipped, which is the flip of
     the resized crop) and likewise for rows, sampled bilinearly: the same function as kornia's
-    crop-resize-flip up to float rounding (tested against kornia, see ``tests/data/test_augment.py``).
+    crop-resize-flip up to float rounding (tested against kornia: ``tests/data/test_augment_fused.py``).
 
     Shape: float (N, C, H, W) -> (N, C, *size).
     """
