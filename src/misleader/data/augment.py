@@ -23,8 +23,6 @@ Deviations from the reference (torchvision on PIL images, one image at a time):
   mild 0.8-1.0 crops). Crop and flip are drawn by kornia's modules and applied together in one
   batched ``grid_sample`` (:class:`ResizedCropFlip`; kornia resizes each image's crop separately):
   the same draws and the same images up to float rounding (``tests/data/test_augment_fused.py``).
-  ``RandomAffine`` is applied by :class:`AffineNearest` (kornia's parameters, matrices and grid
-  arithmetic, fewer full-size operations): bit-identical to kornia's module.
 - ColorJitter's random order of brightness / contrast / saturation is drawn once per batch, not
   once per image (the factors are still drawn per image).
 - One-channel images (MNIST family): only brightness and contrast are jittered and the grayscale
@@ -125,45 +123,6 @@ class ResizedCropFlip(nn.Module):
         return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=True)
 
 
-try:  # kornia's own 3x3 inverse (what its warp_affine uses), so that the sampling grid is kornia's to the bit
-    from kornia.core.utils import _inverse_3x3_closed_form
-    from kornia.geometry.conversions import convert_affinematrix_to_homography, normalize_homography
-except ImportError:  # another kornia: AffineNearest falls back to kornia's warp (same result, slower)
-    _inverse_3x3_closed_form = None
-
-
-class AffineNearest(nn.Module):
-    """kornia's ``RandomAffine`` (nearest, zero fill, ``align_corners=True``, ``p=1``) with a cheaper grid.
-
-    The parameters and the 3x3 matrices are kornia's (same draws, same code); the normalised inverse
-    matrix is kornia's too, and the sampling grid ``m00 x + m01 y + m02`` (``m10 x + m11 y + m12``)
-    is evaluated in kornia's order of operations, but from a (N, 1, W, 2) and an (N, H, 1, 2) term
-    (two broadcast operations instead of eight full-size ones and a stack): the output equals
-    kornia's bit for bit (``tests/data/test_augment_fused.py``).
-
-    Shape: float (N, C, H, W) -> (N, C, H, W).
-    """
-
-    def __init__(self, *, degrees: float, translate: float, scale: tuple[float, float]) -> None:
-        super().__init__()
-        self.affine = K.RandomAffine(degrees=degrees, translate=(translate, translate), scale=tuple(scale),
-                                     resample="nearest", padding_mode="zeros", p=1.0)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
-        params = self.affine.forward_parameters(x.shape)
-        if _inverse_3x3_closed_form is None or not self.affine.flags["align_corners"]:
-            return self.affine(x, params=params)
-        n, _, h, w = x.shape
-        matrix = self.affine.compute_transformation(x, params, self.affine.flags)  # (N, 3, 3), pixels
-        m = _inverse_3x3_closed_form(normalize_homography(convert_affinematrix_to_homography(matrix[:, :2, :]),
-                                                          (h, w), (h, w), align_corners=True))
-        xs = torch.linspace(-1.0, 1.0, w, device=x.device, dtype=x.dtype) if w > 1 else x.new_zeros(1)
-        ys = torch.linspace(-1.0, 1.0, h, device=x.device, dtype=x.dtype) if h > 1 else x.new_zeros(1)
-        grid = (m[:, :2, 0].reshape(n, 1, 1, 2) * xs.view(1, 1, w, 1)
-                + m[:, :2, 1].reshape(n, 1, 1, 2) * ys.view(1, h, 1, 1)) + m[:, :2, 2].reshape(n, 1, 1, 2)
-        return F.grid_sample(x, grid, mode="nearest", padding_mode="zeros", align_corners=True)
-
-
 @AUGMENTATIONS.register("strong")
 def strong_augmentation(
     *,
@@ -203,7 +162,8 @@ def strong_augmentation(
         mods.append(K.ColorJitter(brightness=jitter, contrast=jitter, saturation=saturation, hue=0.0, p=1.0))
     if channels == 3 and grayscale_p > 0:
         mods.append(K.RandomGrayscale(p=grayscale_p))
-    mods.append(AffineNearest(degrees=degrees, translate=translate, scale=tuple(scale)))
+    mods.append(K.RandomAffine(degrees=degrees, translate=(translate, translate), scale=tuple(scale),
+                               resample="nearest", padding_mode="zeros", p=1.0))
     return Pipeline(*mods, image_size=image_size, channels=channels)
 
 
