@@ -13,6 +13,10 @@ The two kinds of step alternate within each round (the order flips every round) 
 other processes hits both alike; the ratio is of the medians. Variants: the default inner loop
 (``a_iter = 1``), ``a_iter = 5`` real steps, and the reference's literal accumulate-5 loop.
 
+``--clock cpu`` times with the calling thread's CPU time instead of wall time (CPU, 1 thread): on a
+machine shared with other jobs it leaves out the time the core was given to them (cache and memory
+contention still count).
+
 The *arithmetic floor* is timed in the same rounds: a train-mode forward + backward of a member on
 B images (``fb_B``), on 2B images (``fb_2B``) and a no-grad forward on B (``f_B``). A MISLEADER step
 (``a_iter = 1``) needs at least ``fb_2B`` (d on the clean and augmented batches, one forward and one
@@ -103,6 +107,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--teacher", choices=["cached", "forward"], default="cached")
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default=None)
+    p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                   help="wall: perf_counter; cpu: this thread's CPU time (CPU device, 1 thread only), which leaves "
+                        "out the time other processes hold the core: steadier on a loaded machine")
     p.add_argument("--baseline", action="store_true",
                    help="also time the pre-speed-up implementation (kornia-only augmentation, reference LeNet layout)")
     args = p.parse_args(argv)
@@ -110,6 +117,9 @@ def main(argv: list[str] | None = None) -> dict:
     dev = resolve_device(args.device)
     if dev.type == "cpu":
         torch.set_num_threads(args.threads)
+    if args.clock == "cpu" and (dev.type != "cpu" or args.threads != 1):
+        p.error("--clock cpu needs --device cpu and --threads 1 (the thread's CPU time is the step's time only then)")
+    clock = time.thread_time if args.clock == "cpu" else time.perf_counter
     torch.manual_seed(0)
     c, bs = args.channels, args.batch_size
     n = bs * 8
@@ -142,7 +152,7 @@ def main(argv: list[str] | None = None) -> dict:
         idx = torch.randint(0, n, (2 * bs if kind == "fb_2B" else bs,), generator=g).to(dev)
         x = to_unit(data[idx])
         _sync(dev)
-        t0 = time.perf_counter()
+        t0 = clock()
         if kind == "f_B":
             with torch.no_grad(), autocast(dev):
                 floor_model(x)
@@ -152,12 +162,12 @@ def main(argv: list[str] | None = None) -> dict:
             out.float().logsumexp(1).mean().backward()
             floor_model.zero_grad(set_to_none=True)
         _sync(dev)
-        return time.perf_counter() - t0
+        return clock() - t0
 
     def one_step(name: str, i: int) -> tuple[float, float]:
         tr = trainers[name]
         _sync(dev)
-        t0 = time.perf_counter()
+        t0 = clock()
         idx = torch.randint(0, n, (bs,), generator=g).to(dev)
         x, y = to_unit(data[idx]), labels[idx]
         if args.teacher == "cached":
@@ -168,14 +178,14 @@ def main(argv: list[str] | None = None) -> dict:
         x_aug = None
         t_aug = 0.0
         if tr.uses_clone:
-            ta = time.perf_counter()
+            ta = clock()
             aidx = torch.randint(0, n, (bs,), generator=g).to(dev)
             x_aug = augment(augs[name], to_unit(data[aidx]), generator=g)
             _sync(dev)
-            t_aug = time.perf_counter() - ta
+            t_aug = clock() - ta
         tr.step(x, y, t_logits, x_aug)
         _sync(dev)
-        return time.perf_counter() - t0, t_aug
+        return clock() - t0, t_aug
 
     times: dict[str, list[float]] = {k: [] for k in variants}
     floor_parts = ("fb_B", "fb_2B", "f_B")
@@ -204,6 +214,7 @@ def main(argv: list[str] | None = None) -> dict:
                                         [sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
         "arch": args.arch, "teacher_arch": args.teacher_arch, "teacher": args.teacher, "batch_size": bs,
         "channels": c, "device": str(dev), "threads": torch.get_num_threads(), "rounds": args.rounds,
+        "clock": args.clock,
         "median_ms": {k: round(v * 1e3, 3) for k, v in med.items()},
         "mean_ms": {k: round(statistics.fmean(v) * 1e3, 3) for k, v in times.items()},
         "augmentation_median_ms": round(statistics.median(aug_times["misleader"]) * 1e3, 3),
