@@ -63,7 +63,7 @@ def _sync(device: torch.device) -> None:
 
 
 def _baseline_model(arch: str, *, in_channels: int, num_classes: int) -> torch.nn.Module:
-    """``create_model`` with, for the LeNet-5 family, the reference layout conv, ReLU, ``nn.MaxPool2d(2, 2)``."""
+    """``create_model``; LeNet-5 family: with the reference layout conv, ReLU, ``nn.MaxPool2d(2, 2)``."""
     from torch import nn
 
     from misleader.models.lenet import LeNet5
@@ -87,7 +87,8 @@ def _baseline_strong(channels: int) -> torch.nn.Module:
             return super().forward(x).clamp(0.0, 1.0)
 
     mods = [K.RandomResizedCrop((32, 32), scale=(0.8, 1.0), p=1.0), K.RandomHorizontalFlip(p=0.5),
-            K.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.4 if channels == 3 else 0.0, hue=0.0, p=1.0)]
+            K.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.4 if channels == 3 else 0.0, hue=0.0,
+                          p=1.0)]
     if channels == 3:
         mods.append(K.RandomGrayscale(p=0.2))
     mods.append(K.RandomAffine(degrees=15, translate=(0.1, 0.1), scale=(0.9, 1.1), resample="nearest",
@@ -108,17 +109,18 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default=None)
     p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
-                   help="wall: perf_counter; cpu: this thread's CPU time (CPU device, 1 thread only), which leaves "
-                        "out the time other processes hold the core: steadier on a loaded machine")
+                   help="wall: perf_counter; cpu: this thread's CPU time (CPU device, 1 thread only), which "
+                        "leaves out the time other processes hold the core: steadier on a loaded machine")
     p.add_argument("--baseline", action="store_true",
-                   help="also time the pre-speed-up implementation (kornia-only augmentation, reference LeNet layout)")
+                   help="also time the pre-speed-up implementation (kornia-only augmentation, "
+                        "reference LeNet layout)")
     args = p.parse_args(argv)
 
     dev = resolve_device(args.device)
     if dev.type == "cpu":
         torch.set_num_threads(args.threads)
     if args.clock == "cpu" and (dev.type != "cpu" or args.threads != 1):
-        p.error("--clock cpu needs --device cpu and --threads 1 (the thread's CPU time is the step's time only then)")
+        p.error("--clock cpu needs --device cpu and --threads 1 (then the thread's CPU time is the step's)")
     clock = time.thread_time if args.clock == "cpu" else time.perf_counter
     torch.manual_seed(0)
     c, bs = args.channels, args.batch_size
@@ -218,7 +220,8 @@ def main(argv: list[str] | None = None) -> dict:
         "median_ms": {k: round(v * 1e3, 3) for k, v in med.items()},
         "mean_ms": {k: round(statistics.fmean(v) * 1e3, 3) for k, v in times.items()},
         "augmentation_median_ms": round(statistics.median(aug_times["misleader"]) * 1e3, 3),
-        "ratio_to_kd": {k: round(v / med["kd"], 3) for k, v in med.items() if k != "kd" and "baseline" not in k},
+        "ratio_to_kd": {k: round(v / med["kd"], 3) for k, v in med.items()
+                        if k != "kd" and "baseline" not in k},
         "floor_median_ms": {k: round(v * 1e3, 3) for k, v in fmed.items()},
         "floor_ratio": round((fmed["fb_2B"] + fmed["fb_B"] + fmed["f_B"]) / fmed["fb_B"], 3),
         "loadavg_start_end": [list(map(float, x)) for x in load],
@@ -234,9 +237,9 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(args.out) if args.out else Path(__file__).resolve().parent / "results" / \
         f"misleader_step_{args.arch}_{dev.type}_{args.teacher}.json"
     write_json(out, result)
-    print(json.dumps({k: result[k] for k in ("median_ms", "augmentation_median_ms", "ratio_to_kd", "floor_median_ms",
-                                             "floor_ratio", "loadavg_start_end", "baseline") if k in result},
-                     indent=2))
+    shown = ("median_ms", "augmentation_median_ms", "ratio_to_kd", "floor_median_ms", "floor_ratio",
+             "loadavg_start_end", "baseline")
+    print(json.dumps({k: result[k] for k in shown if k in result}, indent=2))
     print(f"wrote {out}")
     return result
 

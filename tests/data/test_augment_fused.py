@@ -52,7 +52,9 @@ def test_strong_pipeline_equals_the_kornia_pipeline(channels, seed):
 @pytest.mark.parametrize("hflip", [True, False])
 def test_crop_flip_equals_kornia_crop_then_flip(hflip):
     x = _images(1)
-    seq = [K.RandomResizedCrop((32, 32), scale=(0.5, 1.0), p=1.0)] + ([K.RandomHorizontalFlip(p=0.5)] if hflip else [])
+    seq = [K.RandomResizedCrop((32, 32), scale=(0.5, 1.0), p=1.0)]
+    if hflip:
+        seq.append(K.RandomHorizontalFlip(p=0.5))
     torch.manual_seed(11)
     ref = nn.Sequential(*seq)(x)
     torch.manual_seed(11)

@@ -66,7 +66,8 @@ def test_maxpool2x2_is_a_maxpool2d_module():
     pool = MaxPool2x2()
     assert isinstance(pool, nn.MaxPool2d) and pool.kernel_size == 2 and pool.stride == 2
     with torch.no_grad():
-        assert torch.equal(pool(torch.arange(16.0).view(1, 1, 4, 4)), torch.tensor([[[[5.0, 7.0], [13.0, 15.0]]]]))
+        out = pool(torch.arange(16.0).view(1, 1, 4, 4))
+    assert torch.equal(out, torch.tensor([[[[5.0, 7.0], [13.0, 15.0]]]]))
 
 
 @pytest.mark.parametrize("arch", LENETS)
@@ -78,7 +79,8 @@ def test_lenet_is_bit_identical_to_the_reference_layout(arch):
     x = _images_with_ties()
     out, out_ref = model(x), ref(x)
     assert torch.equal(out, out_ref)
-    loss, loss_ref = F.cross_entropy(out, torch.arange(len(x)) % 10), F.cross_entropy(out_ref, torch.arange(len(x)) % 10)
+    y = torch.arange(len(x)) % 10
+    loss, loss_ref = F.cross_entropy(out, y), F.cross_entropy(out_ref, y)
     grads = torch.autograd.grad(loss, list(model.parameters()), create_graph=True)
     grads_ref = torch.autograd.grad(loss_ref, list(ref.parameters()), create_graph=True)
     for a, b in zip(grads, grads_ref):

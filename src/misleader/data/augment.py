@@ -101,7 +101,8 @@ class ResizedCropFlip(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
         n, c, h, w = x.shape
         oh, ow = self.size
-        src = self.crop.forward_parameters(x.shape)["src"].to(device=x.device, dtype=x.dtype)  # (N, 4, 2) x, y
+        # (N, 4, 2) corners (x, y): top-left, top-right, bottom-right, bottom-left
+        src = self.crop.forward_parameters(x.shape)["src"].to(device=x.device, dtype=x.dtype)
         x1, y1 = src[:, 0, 0], src[:, 0, 1]
         x2, y2 = src[:, 2, 0], src[:, 2, 1]
         # Output column j samples the input pixel coordinate x1 + j (x2 - x1) / (W_out - 1) (flipped:

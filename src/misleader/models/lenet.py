@@ -39,7 +39,8 @@ class _MaxPool2x2Function(torch.autograd.Function):
         # max_pool2d's index: the first maximum in row-major order within the window (NaN aside)
         row = bottom > top  # the (first) maximum is not in the top row
         # the first maximum is in the right column (bool algebra: torch.where is slow on CPU here)
-        col = (row & (x[..., 1:2 * oh:2, 0:2 * ow:2] != bottom)) | ((x[..., 0:2 * oh:2, 0:2 * ow:2] != top) & ~row)
+        left_top, left_bottom = x[..., 0:2 * oh:2, 0:2 * ow:2], x[..., 1:2 * oh:2, 0:2 * ow:2]
+        col = (row & (left_bottom != bottom)) | ((left_top != top) & ~row)
         base = (torch.arange(oh, device=x.device).mul_(2 * width).view(oh, 1)
                 + torch.arange(ow, device=x.device).mul_(2).view(1, ow))
         offset_dtype = torch.int16 if width < 2**14 else torch.int64
