@@ -19,8 +19,10 @@ model's first layer (DESIGN.md), so it is not part of augmentation.
 Deviations from the reference (torchvision on PIL images, one image at a time):
 
 - Batched float tensors instead of uint8 PIL images: no rounding to 8 bits between steps, and
-  resampling by kornia (bilinear crop-resize with ``align_corners=True``; no antialiasing, which
-  hardly matters for the mild 0.8-1.0 crops).
+  bilinear crop-resize with ``align_corners=True`` (no antialiasing, which hardly matters for the
+  mild 0.8-1.0 crops). Crop and flip are drawn by kornia's modules and applied together in one
+  batched ``grid_sample`` (:class:`ResizedCropFlip`; kornia resizes each image's crop separately):
+  the same draws and the same images up to float rounding (``tests/data/test_augment_fused.py``).
 - ColorJitter's random order of brightness / contrast / saturation is drawn once per batch, not
   once per image (the factors are still drawn per image).
 - One-channel images (MNIST family): only brightness and contrast are jittered and the grayscale
@@ -42,6 +44,7 @@ from typing import Sequence
 
 import kornia.augmentation as K
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from misleader.registry import Registry
@@ -72,6 +75,53 @@ class Pipeline(nn.Sequential):
         if len(x) == 0:
             return x
         return super().forward(x).clamp(0.0, 1.0)
+
+
+class ResizedCropFlip(nn.Module):
+    """kornia's ``RandomResizedCrop`` (bilinear, ``align_corners=True``) then ``RandomHorizontalFlip(p=0.5)``,
+    resampled in one batched ``grid_sample``.
+
+    kornia's slice mode resizes each image's crop with its own ``interpolate`` call (one call per image,
+    most of the strong pipeline's time on CPU). Here the parameters are drawn by the same kornia
+    modules, in the same order (crop, then flip), so the random draws are exactly kornia's; the crop
+    box ``[x1, x2] x [y1, y2]`` (inclusive pixel corners) maps output column ``j`` to
+    ``x1 + j (x2 - x1) / (W - 1)`` (``x2 - j (x2 - x1) / (W - 1)`` when flipped, which is the flip of
+    the resized crop) and likewise for rows, sampled bilinearly: the same function as kornia's
+    crop-resize-flip up to float rounding (tested against kornia: ``tests/data/test_augment_fused.py``).
+
+    Shape: float (N, C, H, W) -> (N, C, *size).
+    """
+
+    def __init__(self, size: tuple[int, int], *, scale: tuple[float, float], hflip: bool) -> None:
+        super().__init__()
+        self.size = tuple(size)
+        self.crop = K.RandomResizedCrop(self.size, scale=tuple(scale), p=1.0)
+        self.flip = K.RandomHorizontalFlip(p=0.5) if hflip else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        n, c, h, w = x.shape
+        oh, ow = self.size
+        # (N, 4, 2) corners (x, y): top-left, top-right, bottom-right, bottom-left
+        src = self.crop.forward_parameters(x.shape)["src"].to(device=x.device, dtype=x.dtype)
+        x1, y1 = src[:, 0, 0], src[:, 0, 1]
+        x2, y2 = src[:, 2, 0], src[:, 2, 1]
+        # Output column j samples the input pixel coordinate x1 + j (x2 - x1) / (W_out - 1) (flipped:
+        # x2 - j (x2 - x1) / (W_out - 1)); grid_sample (align_corners=True) wants it normalised,
+        # 2 p / (W_in - 1) - 1. With u_j = -1 + 2 j / (W_out - 1) that is s u_j + t with
+        # s = +-(x2 - x1) / (W_in - 1) and t = (x1 + x2) / (W_in - 1) - 1. The grid is separable.
+        sx = (x2 - x1) / max(w - 1, 1)
+        if self.flip is not None:
+            flipped = self.flip.forward_parameters((n, c, oh, ow))["batch_prob"].to(x.device).bool()
+            sx = torch.where(flipped, -sx, sx)
+        u = torch.linspace(-1.0, 1.0, ow, device=x.device, dtype=x.dtype) if ow > 1 else x.new_zeros(1)
+        v = torch.linspace(-1.0, 1.0, oh, device=x.device, dtype=x.dtype) if oh > 1 else x.new_zeros(1)
+        gx = sx[:, None] * u + ((x1 + x2) / max(w - 1, 1) - 1)[:, None]  # (N, W_out)
+        gy = ((y2 - y1) / max(h - 1, 1))[:, None] * v + ((y1 + y2) / max(h - 1, 1) - 1)[:, None]  # (N, H_out)
+        # (N, 1, W_out, 2) = (gx, 0) plus (N, H_out, 1, 2) = (0, gy): one broadcast add builds the grid
+        grid = torch.stack([gx, torch.zeros_like(gx)], dim=-1)[:, None] + \
+            torch.stack([torch.zeros_like(gy), gy], dim=-1)[:, :, None]
+        # the crop lies inside the image: border padding only guards against rounding at the edges
+        return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=True)
 
 
 @AUGMENTATIONS.register("strong")
@@ -106,9 +156,7 @@ def strong_augmentation(
     if channels not in (1, 3):
         raise ValueError(f"channels must be 1 or 3, got {channels}")
     size = (image_size, image_size)
-    mods: list[nn.Module] = [K.RandomResizedCrop(size, scale=tuple(crop_scale), p=1.0)]
-    if hflip:
-        mods.append(K.RandomHorizontalFlip(p=0.5))
+    mods: list[nn.Module] = [ResizedCropFlip(size, scale=tuple(crop_scale), hflip=hflip)]
     if jitter > 0:
         # kornia's ColorJitter skips a step whose factors are all neutral: saturation=0 is safe on 1 channel.
         saturation = jitter if channels == 3 else 0.0
