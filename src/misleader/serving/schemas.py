@@ -3,6 +3,8 @@
 A batch is (N, *input_shape) float in [0, 1]. JSON: ``{"inputs": [[[[...]]]]}``; binary:
 ``Content-Type: application/x-npy`` with a float32/float64 ``.npy`` body (read with
 ``allow_pickle=False``: nothing is unpickled). Answers come back the same way as they were asked.
+A row refused by the detector's ``refuse`` policy is ``null`` in JSON and a row of NaN (probabilities) or
+``-1`` (labels) in ``.npy``, with ``X-Refused-Rows`` giving how many.
 """
 
 from __future__ import annotations
@@ -24,7 +26,10 @@ class PredictResponse(BaseModel):
     rows: int = Field(description="rows answered (and counted against the key's budget)")
     remaining: int | None = Field(description="rows left in the key's budget (null: unlimited)")
     pow_bits: int | None = Field(default=None, description="proof-of-work bits paid for this batch")
-    outputs: list[Any] = Field(description="(N, K) probabilities or (N,) int labels")
+    flagged: int | None = Field(default=None, description="rows the detector flagged (null: no detector)")
+    refused: list[int] | None = Field(default=None, description="indices of rows refused by the detector's refuse "
+                                      "policy (null in outputs; released, not counted)")
+    outputs: list[Any] = Field(description="(N, K) probabilities or (N,) int labels; null for a refused row")
 
 
 class ErrorResponse(BaseModel):
