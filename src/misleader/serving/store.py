@@ -22,7 +22,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, NamedTuple
 from contextlib import contextmanager
 
 from misleader.errors import MisleaderError
@@ -81,6 +81,14 @@ def _key(row: Any) -> KeyRecord:
     return KeyRecord(id=row[0], name=row[1], budget=None if row[2] is None else int(row[2]), used=int(row[3]),
                      reserved=int(row[4]), rate=row[5], admin=bool(row[6]), revoked=bool(row[7]),
                      created=float(row[8]))
+
+
+class Committed(NamedTuple):
+    """What :meth:`Store.commit` counted: ``rows`` answered, the key's ``remaining`` budget after (``None``:
+    unlimited)."""
+
+    rows: int
+    remaining: int | None
 
 
 class BudgetExceeded(MisleaderError):
@@ -294,19 +302,23 @@ class Store:
         m = n if answered is None else int(answered)
         if not 0 <= m <= n:
             raise ValueError(f"answered rows {m} outside [0, {n}] of the reservation")
-        self._exec(cur, "UPDATE api_keys SET used = used + ?, reserved = reserved - ? WHERE id = ?", (m, n, key_id))
+        self._exec(cur, "UPDATE api_keys SET used = used + ?, reserved = reserved - ? WHERE id = ? "
+                        "RETURNING budget, used, reserved", (m, n, key_id))
+        budget, used_, reserved = cur.fetchone()
+        self._local.remaining = None if budget is None else int(budget) - int(used_) - int(reserved)
         return m
 
     def commit(self, rid: str, *, log_row: dict[str, Any], answered: int | None = None,
-               scores: tuple[int, float, int] | None = None) -> bool:
+               scores: tuple[int, float, int] | None = None) -> Committed | None:
         """Count a reservation's rows as used and log the query, in one transaction.
 
         Args:
             answered: rows actually answered (default: all reserved); the rest are released (refused rows).
             scores: ``(rows scored, score sum, rows flagged)`` added to the key's detector statistics.
 
-        Returns ``False`` when the reservation had already expired (its rows were released; the caller
-        must not answer).
+        Returns:
+            ``Committed(rows, remaining)`` (the key's remaining budget just after), or ``None`` when the
+            reservation had already expired (its rows were released; the caller must not answer).
         """
         with self._tx() as cur:
             n = self._finish(cur, rid, used=True, answered=answered)
@@ -314,7 +326,7 @@ class Store:
                 self._log(cur, {**log_row, "rows": n})
                 if scores is not None:
                     self._add_scores(cur, str(log_row["key_id"]), scores)
-        return n is not None
+        return None if n is None else Committed(n, self._local.remaining)  # this thread's commit
 
     def _add_scores(self, cur: Any, key_id: str, scores: tuple[int, float, int]) -> None:
         rows, total, flagged = int(scores[0]), float(scores[1]), int(scores[2])
@@ -400,4 +412,4 @@ def default_db(folder: str | Path) -> str:
     return str(folder.parent / f"{folder.name}.gateway.sqlite3")
 
 
-__all__ = ["BudgetExceeded", "KeyRecord", "RESERVATION_TIMEOUT", "SCHEMA_VERSION", "Store", "default_db"]
+__all__ = ["BudgetExceeded", "Committed", "KeyRecord", "RESERVATION_TIMEOUT", "SCHEMA_VERSION", "Store", "default_db"]
