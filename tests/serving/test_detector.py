@@ -168,23 +168,6 @@ def test_policy_checks():
         DetectorPolicy(scorer=Uncalibrated())
 
 
-def test_store_v1_is_migrated(tmp_path):
-    from misleader.serving.store import SCHEMA_VERSION, Store
-
-    db = tmp_path / "old.sqlite3"
-    s = Store(db)
-    conn = s._conn()
-    conn.execute("ALTER TABLE queries DROP COLUMN flagged_rows")
-    conn.execute("DROP TABLE detector_stats")
-    conn.execute("UPDATE meta SET v = '1' WHERE k = 'schema_version'")
-    s.close()
-    s = Store(db)
-    assert s._query("SELECT v FROM meta WHERE k = 'schema_version'")[0][0] == str(SCHEMA_VERSION)
-    s.log_query({"key_id": "k", "rows": 0, "status": 428, "flagged_rows": 3})
-    assert s.last_queries(1)[0]["flagged_rows"] == 3 and s.detector_stats() == {}
-    s.close()
-
-
 @pytest.fixture(scope="module")
 def same_detector(tiny_victim, tmp_path_factory):
     from misleader.detect.same import train_same
@@ -238,3 +221,38 @@ def test_serve_cli_with_a_same_detector(tiny_victim, same_detector, gate_folder,
     (other / "detector.json").write_text(json.dumps(meta))
     with pytest.raises(MisleaderError, match="another victim"):
         build(build_parser().parse_args(["serve", str(tiny_victim), "--db", db, "--detector", str(other)]))
+
+
+def test_store_counts_answered_rows_and_scores_on_each_engine(store):
+    """commit(answered=, scores=) on SQLite and PostgreSQL: refused rows released, statistics summed."""
+    k = store.add_key(name="a", key_hash="h", budget=10)
+    rid = store.reserve(k.id, 6)
+    done = store.commit(rid, answered=4, scores=(6, 1.5, 2), log_row={"key_id": k.id, "status": 200,
+                                                                     "flagged_rows": 2})
+    assert done == (4, 6)
+    rid = store.reserve(k.id, 6)  # 6 of the 6 left: the refused rows came back
+    assert store.commit(rid, scores=(6, 0.5, 0), log_row={"key_id": k.id, "status": 200}) == (6, 0)
+    st = store.detector_stats()[k.id]
+    assert (st.queries, st.flagged) == (12, 2) and st.score_sum == pytest.approx(2.0)
+    assert store.logged_rows(k.id) == 10 == store.get_key("a").used and store.get_key("a").reserved == 0
+    assert store.last_queries(2)[1]["flagged_rows"] == 2
+    with pytest.raises(ValueError, match="answered rows"):
+        store.commit(store.reserve(k.id, 0), answered=1, log_row={"key_id": k.id, "status": 200})
+
+
+def test_store_v1_is_migrated_on_each_engine(db_url):
+    from misleader.serving.store import SCHEMA_VERSION, Store
+
+    s = Store(db_url)
+    cur = s._conn().cursor()
+    for sql in ("ALTER TABLE queries DROP COLUMN flagged_rows", "DROP TABLE detector_stats",
+                "UPDATE meta SET v = '1' WHERE k = 'schema_version'"):
+        cur.execute(sql)
+    s.close()
+    s = Store(db_url)
+    try:
+        assert s._query("SELECT v FROM meta WHERE k = 'schema_version'")[0][0] == str(SCHEMA_VERSION)
+        s.log_query({"key_id": "k", "rows": 0, "status": 428, "flagged_rows": 3})
+        assert s.last_queries(1)[0]["flagged_rows"] == 3 and s.detector_stats() == {}
+    finally:
+        s.close()

@@ -11,9 +11,11 @@ Order of a prediction: body size cap (413) -> key (401 unknown, 403 revoked) -> 
 ``Retry-After``) -> batch parse and checks (400/413/422) -> proof-of-work (428 with a signed challenge
 bound to the key and the batch's sha256; the resent batch with ``X-PoW-Challenge`` / ``X-PoW-Nonce``
 is verified and the challenge spent) -> budget reservation in one transaction (429 with
-``remaining``; nothing partial) -> the model, off the event loop -> commit + query log row in one
-transaction (released if the model fails). Every refusal is logged with its status and reason.
-Errors never carry a traceback.
+``remaining``; nothing partial) -> the detector (``--detector``: every row scored, the policy of
+:mod:`misleader.serving.policy` applied to the flagged rows) and the model, off the event loop ->
+commit + query log row + the key's detector statistics in one transaction (released if the model
+fails; rows refused by the ``refuse`` policy released, not counted). Every refusal is logged with its
+status and reason. Errors never carry a traceback.
 """
 
 from __future__ import annotations
