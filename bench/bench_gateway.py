@@ -2,22 +2,32 @@
 
 Phases, for each store (SQLite; PostgreSQL when ``--pg URL`` or ``$MISLEADER_TEST_PG`` is given):
 
-1. **accounting**: ``--clients`` concurrent clients send ``--requests`` single-row requests in all,
-   spread over ``--keys`` keys whose budgets are below the rows asked (so the end of the run is
-   refused with 429). Checks: per key, rows answered to the clients == the store's ``used`` == the
-   query log's rows, ``used <= budget``, no reservation left. Reports p50/p99 latency of answered
-   single-row requests and requests/s.
-2. **throughput**: 64-row ``.npy`` requests by ``--clients`` clients; rows/s divided by the rows/s of
-   the in-process oracle on the same batches measured in the same run (goal >= 0.7).
+1. **accounting**: ``--clients`` concurrent clients send ``--requests`` single-row requests in all
+   (or ``--requests-per-client`` each: the acceptance's 32 x 10,000 is ``--clients 32
+   --requests-per-client 10000``), spread over ``--keys`` keys whose budgets are below the rows asked
+   (so the end of the run is refused with 429). Checks: per key, rows answered to the clients == the
+   store's ``used`` == the query log's rows, ``used <= budget``, no reservation left. Reports p50/p99
+   latency of answered single-row requests and requests/s.
+2. **throughput**: 64-row ``.npy`` requests by ``--throughput-clients`` clients; rows/s divided by the
+   rows/s of the in-process oracle on the same batches, measured in the same run just before and just
+   after the HTTP phase (their mean; goal >= 0.7).
 3. **kill** (``--kill``): kill -9 the server in the middle of a load, restart it on the same store with
    a short reservation timeout and check the store: no reservation left beyond its timeout, no
    negative or over-budget count, ``used`` == the log's rows.
 
+``--profile`` instead measures the CPU time of each piece of one 64-row request in process (parsing,
+checks, sha256, the store's transactions, encoding, the model, the handler, the ASGI app).
+
+The load generator runs on the same machine: ``--http-client raw`` (default) is a minimal asyncio
+HTTP/1.1 keep-alive client, so that the clients' own CPU takes less from the server's cores than
+``--http-client httpx`` (httpx.AsyncClient) does. Every phase records ``os.getloadavg()``.
+
 Usage:
     OMP_NUM_THREADS=1 PYTHONPATH=src .venv/bin/python bench/bench_gateway.py [--target DIR]
-        [--clients 32] [--requests 10000] [--pg postgresql://...] [--kill] [--out bench/results/gateway.json]
+        [--clients 32] [--requests 10000 | --requests-per-client N] [--throughput-clients 4]
+        [--pg postgresql://...] [--kill] [--profile] [--out bench/results/gateway.json]
 Without ``--target`` a tiny victim (lenet5_fifth on the embedded digits) is trained first. Not a test:
-the numbers depend on the machine and its load (``uptime`` is recorded).
+the numbers depend on the machine and its load.
 """
 
 from __future__ import annotations
@@ -222,6 +232,87 @@ def in_process_rows_per_s(folder: Path, *, rows: int, batches: int, shape: tuple
     return rows * batches / (time.perf_counter() - t0)
 
 
+def profile_request(folder: Path, *, rows: int = 64, repeats: int = 200) -> dict:
+    """CPU milliseconds (``time.process_time``, robust to other processes' load) of the pieces of one
+    ``rows``-row request, in process: body parsing (.npy, JSON), the batch check, sha256, the store's
+    reserve + commit (with the log row), response encoding; then the model alone, the gateway's whole
+    request handler, and the whole ASGI app (FastAPI/Starlette and the threadpool hop, no sockets)."""
+    import json as _json
+
+    from misleader.pow import puzzle
+    from misleader.serving import schemas
+    from misleader.serving.app import create_app
+    from misleader.serving.keys import authenticate, create_key
+    from misleader.serving.model import ServedModel
+    from misleader.serving.store import Store
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench_gateway_prof_"))
+    store = Store(tmp / "p.sqlite3")
+    key, rec = create_key(store, name="p", budget=None)
+    model = ServedModel(folder, output="probs", device="cpu")
+    app = create_app(folder=str(folder), store=store, model=model)
+    gw = app.state.gateway
+    shape = model.input_shape
+    x = np.random.default_rng(0).random((rows, *shape), dtype=np.float32)
+    xt = torch.from_numpy(x)
+    body, jbody = npy(x), _json.dumps({"inputs": x.tolist()}).encode()
+    out = model.predict(xt).numpy()
+
+    def cpu(f, n: int = repeats) -> float:
+        f()
+        c0 = time.process_time()
+        for _ in range(n):
+            f()
+        return 1000 * (time.process_time() - c0) / n
+
+    def reserve_commit() -> None:
+        rid = store.reserve(rec.id, rows)
+        store.commit(rid, log_row={"key_id": rec.id, "status": 200, "batch_sha256": "0" * 64})
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": "/v1/predict", "raw_path": b"/v1/predict", "query_string": b"", "root_path": "",
+             "headers": [(b"authorization", f"Bearer {key}".encode()), (b"content-type", schemas.NPY.encode()),
+                         (b"content-length", str(len(body)).encode())],
+             "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 2)}
+
+    async def asgi(n: int) -> None:
+        for _ in range(n):
+            msgs = [{"type": "http.request", "body": body, "more_body": False}]
+            sent: list = []
+
+            async def receive() -> dict:
+                return msgs.pop() if msgs else {"type": "http.disconnect"}
+
+            async def send(m: dict) -> None:
+                sent.append(m)
+
+            await app(scope, receive, send)
+            assert sent[0]["status"] == 200, sent
+
+    loop = asyncio.new_event_loop()
+    loop.run_until_complete(asgi(5))
+    c0 = time.process_time()
+    loop.run_until_complete(asgi(repeats))
+    asgi_ms = 1000 * (time.process_time() - c0) / repeats
+    loop.close()
+    res = {"rows": rows, "load_before": os.getloadavg(), "cpu_ms": {
+        "parse_npy": cpu(lambda: schemas.parse_npy_batch(body)),
+        "parse_json": cpu(lambda: schemas.parse_json_batch(jbody), max(1, repeats // 10)),
+        "batch_check": cpu(lambda: gw.parse(body, schemas.NPY, rec.id)) - cpu(lambda: schemas.parse_npy_batch(body)),
+        "oracle_validate": cpu(lambda: model.validate(xt)),
+        "sha256": cpu(lambda: puzzle.batch_digest(xt)),
+        "authenticate": cpu(lambda: authenticate(store, key)),
+        "reserve_commit_log": cpu(reserve_commit),
+        "encode_npy": cpu(lambda: schemas.npy_bytes(out)),
+        "encode_json": cpu(lambda: _json.dumps({"outputs": out.tolist()}), max(1, repeats // 4)),
+        "model_predict": cpu(lambda: model.predict(xt)),
+        "gateway_handler": cpu(lambda: gw.predict(token=key, body=body, content_type=schemas.NPY, headers={})),
+        "asgi_app": asgi_ms}}
+    res["load_after"] = os.getloadavg()
+    store.close()
+    return res
+
+
 class _Skip(Exception):
     """--kill-only: skip the accounting and throughput phases."""
 
@@ -317,6 +408,8 @@ def main() -> None:
     ap.add_argument("--kill", action="store_true", help="also kill -9 the server mid-load and check the store")
     ap.add_argument("--kill-after", type=float, default=10.0, help="seconds of load before the kill -9")
     ap.add_argument("--kill-only", action="store_true", help="only the kill phase")
+    ap.add_argument("--profile", action="store_true",
+                    help="only the in-process CPU profile of one 64-row request (see profile_request)")
     ap.add_argument("--out", default="bench/results/gateway.json")
     args = ap.parse_args()
     args.kill = args.kill or args.kill_only
@@ -333,6 +426,16 @@ def main() -> None:
     from misleader.oracle.manifest import read_target
 
     shape = tuple(read_target(folder).input_shape)
+    if args.profile:
+        result = {"target": str(folder), "command": " ".join(sys.argv), "cpus": os.cpu_count(),
+                  "profile_64": profile_request(folder)}
+        text = json.dumps(result, indent=2)
+        print(text)
+        if args.out:
+            from misleader.utils import atomic_write_text
+
+            atomic_write_text(args.out, text + "\n")
+        return
     result = {"target": str(folder), "clients": args.clients, "requests": args.requests,
               "requests_per_client": args.requests_per_client, "keys": args.keys, "http_client": args.http_client,
               "command": " ".join(sys.argv), "load_before": os.getloadavg(), "cpus": os.cpu_count(), "stores": {}}

@@ -261,9 +261,7 @@ class Gateway:
             hdr = {"X-Rows": str(answered), "X-Budget-Remaining": "" if remaining is None else str(remaining)}
             if bits is not None:
                 hdr["X-PoW-Bits"] = str(bits)
-            if det is not None:
-                hdr["X-Flagged-Rows"] = str(flagged_n)
-            if refused_n:
+            if refused_n:  # (how many rows were flagged is not told: gate and log stay covert)
                 hdr["X-Refused-Rows"] = str(refused_n)
             arr = out.cpu().numpy()
             if content_type.startswith(schemas.NPY):
@@ -275,8 +273,7 @@ class Gateway:
                 for i in idx:
                     outputs[i] = None
             return JSONResponse({"output": self.model.output, "rows": answered, "remaining": remaining,
-                                 "pow_bits": bits, "flagged": None if det is None else flagged_n,
-                                 "refused": idx, "outputs": outputs}, headers=hdr)
+                                 "pow_bits": bits, "refused": idx, "outputs": outputs}, headers=hdr)
         except Refused as r:
             secs = time.perf_counter() - t0
             self.metrics.observe(status=r.status, seconds=secs, reason=r.reason)

@@ -69,10 +69,8 @@ class Metrics:
                     f"misleader_pow_challenges_total {self.pow_challenges}",
                     "# HELP misleader_flagged_clients Keys flagged by the detector.",
                     "# TYPE misleader_flagged_clients gauge", f"misleader_flagged_clients {len(self.flagged)}",
-                    "# HELP misleader_flagged_client A key flagged by the detector (by key id).",
-                    "# TYPE misleader_flagged_client gauge"]
-            out += [f'misleader_flagged_client{{key="{k}"}} 1' for k in sorted(self.flagged)]
-            out += ["# HELP misleader_detector_rows_flagged_total Rows the detector flagged.",
+                    # which keys: on the status page (admin key) only, /metrics is not authenticated
+                    "# HELP misleader_detector_rows_flagged_total Rows the detector flagged.",
                     "# TYPE misleader_detector_rows_flagged_total counter",
                     f"misleader_detector_rows_flagged_total {self.rows_flagged}",
                     "# HELP misleader_detector_rows_refused_total Flagged rows refused (refuse policy; not counted).",

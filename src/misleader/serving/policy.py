@@ -20,6 +20,9 @@ the flagged rows get:
   answered, so "answered == used == logged rows" stays exact; the query log row records how many
   rows were flagged.
 
+A client is never told which or how many of its rows were flagged under ``log`` and ``gate`` (a gate
+that announced itself would stop misleading); only ``refuse`` shows, by refusing.
+
 Per-key statistics (rows scored, score sum, rows flagged: :class:`misleader.detect.same.ClientStats`)
 live in the store, updated in the same transaction that counts the rows, so they are exact across
 threads, replicas and restarts. A key is a *flagged client* (``/metrics``, status page) once it has

@@ -28,7 +28,6 @@ class PredictResponse(BaseModel):
     rows: int = Field(description="rows answered (and counted against the key's budget)")
     remaining: int | None = Field(description="rows left in the key's budget (null: unlimited)")
     pow_bits: int | None = Field(default=None, description="proof-of-work bits paid for this batch")
-    flagged: int | None = Field(default=None, description="rows the detector flagged (null: no detector)")
     refused: list[int] | None = Field(default=None, description="indices of rows refused by the detector's refuse "
                                       "policy (null in outputs; released, not counted)")
     outputs: list[Any] = Field(description="(N, K) probabilities or (N,) int labels; null for a refused row")
