@@ -68,7 +68,8 @@ def test_log_policy_answers_everything_and_keeps_per_key_statistics(make_client,
     assert r.status_code == 200 and body["rows"] == 5 and body["refused"] is None and "flagged" not in body
     assert torch.equal(torch.tensor(body["outputs"]), served_model.predict(x))
     q = store.last_queries(1)[0]
-    assert q["flagged_rows"] == 2 and q["detector_score"] == pytest.approx(float(MeanScorer().score(x).mean()), abs=1e-6)
+    assert q["flagged_rows"] == 2
+    assert q["detector_score"] == pytest.approx(float(MeanScorer().score(x).mean()), abs=1e-6)
     st = store.detector_stats()[rec.id]
     assert (st.queries, st.flagged) == (5, 2) and st.mean_score == pytest.approx(float(x.mean()), abs=1e-5)
     assert "misleader_flagged_clients 0" in client.get("/metrics").text  # 5 rows < flag_min_rows

@@ -28,7 +28,8 @@ proof-of-work: {pow} &middot; rows answered since start: {rows}</p>
 {keys}</table>
 <h2>Last queries</h2>
 <table><tr><th>#</th><th class="l">time (UTC)</th><th class="l">key</th><th>rows</th><th>status</th>
-<th class="l">reason</th><th>PoW bits</th><th>detector</th><th>flagged</th><th>ms</th><th class="l">batch sha256</th></tr>
+<th class="l">reason</th><th>PoW bits</th><th>detector</th><th>flagged</th><th>ms</th>
+<th class="l">batch sha256</th></tr>
 {queries}</table>
 </body></html>
 """
@@ -59,7 +60,8 @@ def render_status(*, info: dict[str, Any], keys: list, queries: list[dict[str, A
         krows.append(f'<tr><td class="l">{escape(k.name)}</td><td class="l">{escape(k.id)}</td><td>{k.used}</td>'
                      f'<td>{k.reserved}</td><td>{"unlimited" if k.budget is None else k.budget}</td>'
                      f'<td><div class="bar"><div style="width:{100 * frac:.0f}%"></div></div></td>'
-                     f'<td class="l">{_fmt(k.rate) or "-"}</td>{_det(detector_stats.get(k.id))}<td{cls}>{state}</td></tr>')
+                     f'<td class="l">{_fmt(k.rate) or "-"}</td>{_det(detector_stats.get(k.id))}'
+                     f'<td{cls}>{state}</td></tr>')
     qrows = []
     for q in queries:
         t = _dt.datetime.fromtimestamp(q["ts"], _dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")

@@ -6,8 +6,9 @@ processes: :meth:`Store.reserve` adds the rows to the key's ``reserved`` column 
 ``UPDATE`` (``used + reserved + n <= budget``) and records the reservation in the same transaction;
 :meth:`Store.commit` moves them to ``used`` and writes the query log row in one transaction;
 :meth:`Store.release` gives them back. A detector's per-key statistics (rows scored, score sum,
-rows flagged) are added in the commit's transaction (table ``detector_stats``). A reservation left by a killed server is released by
-:meth:`Store.expire_reservations` once its timeout has passed (called at start and on every reserve).
+rows flagged) are added in the commit's transaction (table ``detector_stats``). A reservation left by
+a killed server is released by :meth:`Store.expire_reservations` once its timeout has passed (called
+at start and on every reserve).
 
 Schema versioned in ``meta.schema_version`` (:data:`SCHEMA_VERSION`); a store written by a newer
 version is refused with a one-line message.
