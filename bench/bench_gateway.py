@@ -2,28 +2,39 @@
 
 Phases, for each store (SQLite; PostgreSQL when ``--pg URL`` or ``$MISLEADER_TEST_PG`` is given):
 
-1. **accounting**: ``--clients`` concurrent clients send ``--requests`` single-row requests in all,
-   spread over ``--keys`` keys whose budgets are below the rows asked (so the end of the run is
-   refused with 429). Checks: per key, rows answered to the clients == the store's ``used`` == the
-   query log's rows, ``used <= budget``, no reservation left. Reports p50/p99 latency of answered
-   single-row requests and requests/s.
-2. **throughput**: 64-row ``.npy`` requests by ``--clients`` clients; rows/s divided by the rows/s of
-   the in-process oracle on the same batches measured in the same run (goal >= 0.7).
+1. **accounting**: ``--clients`` concurrent clients send ``--requests`` single-row requests in all
+   (or ``--requests-per-client`` each: the acceptance's 32 x 10,000 is ``--clients 32
+   --requests-per-client 10000``), spread over ``--keys`` keys whose budgets are below the rows asked
+   (so the end of the run is refused with 429). Checks: per key, rows answered to the clients == the
+   store's ``used`` == the query log's rows, ``used <= budget``, no reservation left. Reports p50/p99
+   latency of answered single-row requests and requests/s.
+2. **throughput**: 64-row ``.npy`` requests by ``--throughput-clients`` clients; rows/s divided by the
+   rows/s of the in-process oracle on the same batches, measured in the same run just before and just
+   after the HTTP phase (their mean; goal >= 0.7).
 3. **kill** (``--kill``): kill -9 the server in the middle of a load, restart it on the same store with
    a short reservation timeout and check the store: no reservation left beyond its timeout, no
    negative or over-budget count, ``used`` == the log's rows.
 
+``--profile`` instead measures the CPU time of each piece of one 64-row request in process (parsing,
+checks, sha256, the store's transactions, encoding, the model, the handler, the ASGI app).
+
+The load generator runs on the same machine: ``--http-client raw`` (default) is a minimal asyncio
+HTTP/1.1 keep-alive client, so that the clients' own CPU takes less from the server's cores than
+``--http-client httpx`` (httpx.AsyncClient) does. Every phase records ``os.getloadavg()``.
+
 Usage:
     OMP_NUM_THREADS=1 PYTHONPATH=src .venv/bin/python bench/bench_gateway.py [--target DIR]
-        [--clients 32] [--requests 10000] [--pg postgresql://...] [--kill] [--out bench/results/gateway.json]
+        [--clients 32] [--requests 10000 | --requests-per-client N] [--throughput-clients 4]
+        [--pg postgresql://...] [--kill] [--profile] [--out bench/results/gateway.json]
 Without ``--target`` a tiny victim (lenet5_fifth on the embedded digits) is trained first. Not a test:
-the numbers depend on the machine and its load (``uptime`` is recorded).
+the numbers depend on the machine and its load.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import io
 import json
 import os
@@ -51,7 +62,7 @@ def start_server(folder: Path, db: str, *extra: str) -> tuple[subprocess.Popen, 
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    env = {"OMP_NUM_THREADS": "1", **os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     proc = subprocess.Popen([sys.executable, "-m", "misleader", "-q", "serve", str(folder), "--port", str(port),
                              "--db", db, "--device", "cpu", "--log-level", "error", *extra], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -73,9 +84,50 @@ def npy(x: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+class RawHttp:
+    """A minimal HTTP/1.1 keep-alive client on asyncio streams (one connection, one request at a time).
+
+    The load generator runs on the same machine as the server: httpx's per-request CPU (about a
+    millisecond) is taken from the server's cores, so ``--http-client raw`` (this) sends the same bytes
+    with far less client work; ``--http-client httpx`` is kept for comparison.
+    """
+
+    def __init__(self, url: str, headers: dict[str, str]) -> None:
+        host, port = url.removeprefix("http://").split(":")
+        self.host, self.port = host, int(port)
+        self.head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+        self.reader = self.writer = None
+
+    async def post(self, path: str, body: bytes) -> tuple[int, dict[str, str], bytes]:
+        if self.writer is None:
+            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+        self.writer.write(f"POST {path} HTTP/1.1\r\nHost: {self.host}\r\n{self.head}Content-Length: {len(body)}"
+                          "\r\n\r\n".encode() + body)
+        try:
+            head = await self.reader.readuntil(b"\r\n\r\n")
+            lines = head.decode("latin-1").split("\r\n")
+            status = int(lines[0].split()[1])
+            hdrs = {k.strip().lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:] if ln)}
+            data = await self.reader.readexactly(int(hdrs.get("content-length", "0")))
+        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError) as exc:
+            await self.close()
+            raise ConnectionError(str(exc) or type(exc).__name__) from None
+        if hdrs.get("connection", "").lower() == "close":
+            await self.close()
+        return status, hdrs, data
+
+    async def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            with contextlib.suppress(Exception):
+                await self.writer.wait_closed()
+        self.reader = self.writer = None
+
+
 async def load(url: str, keys: list[str], *, clients: int, requests: int, rows: int, shape: tuple[int, ...],
-               stop_after: float | None = None) -> dict:
-    """``clients`` tasks share ``requests`` requests of ``rows`` rows; key of client i: keys[i % len(keys)]."""
+               stop_after: float | None = None, per_client: int | None = None, http_client: str = "raw") -> dict:
+    """``clients`` tasks share ``requests`` requests of ``rows`` rows (or each sends ``per_client``);
+    key of client i: keys[i % len(keys)]."""
     import httpx
 
     rng = np.random.default_rng(0)
@@ -83,38 +135,53 @@ async def load(url: str, keys: list[str], *, clients: int, requests: int, rows: 
     answered = {k: 0 for k in keys}
     statuses: dict[int, int] = {}
     latencies: list[float] = []
-    todo = iter(range(requests))
+    shared = iter(range(requests))
     t_start = time.perf_counter()
     errors = 0
 
     async def client(i: int) -> None:
         nonlocal errors
         key = keys[i % len(keys)]
-        async with httpx.AsyncClient(base_url=url, timeout=60, headers={
-                "Authorization": f"Bearer {key}", "Content-Type": "application/x-npy"}) as http:
+        headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/x-npy"}
+        if http_client == "raw":
+            raw = RawHttp(url, headers)
+        else:
+            http = httpx.AsyncClient(base_url=url, timeout=60, headers=headers)
+        todo = shared if per_client is None else iter(range(per_client))
+        try:
             for j in todo:
                 if stop_after is not None and time.perf_counter() - t_start > stop_after:
                     return
                 t0 = time.perf_counter()
                 try:
-                    r = await http.post("/v1/predict", content=bodies[j % len(bodies)])
-                except httpx.HTTPError:
+                    if http_client == "raw":
+                        code, hdrs, _ = await raw.post("/v1/predict", bodies[j % len(bodies)])
+                    else:
+                        r = await http.post("/v1/predict", content=bodies[j % len(bodies)])
+                        code, hdrs = r.status_code, r.headers
+                except (httpx.HTTPError, OSError):
                     errors += 1
                     if stop_after is not None:
                         return
                     continue
                 dt = time.perf_counter() - t0
-                statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
-                if r.status_code == 200:
+                statuses[code] = statuses.get(code, 0) + 1
+                if code == 200:
                     latencies.append(dt)
-                    answered[key] += int(r.headers["X-Rows"])
+                    answered[key] += int(hdrs["x-rows"])
+        finally:
+            if http_client == "raw":
+                await raw.close()
+            else:
+                await http.aclose()
 
     await asyncio.gather(*(client(i) for i in range(clients)))
     wall = time.perf_counter() - t_start
     lat = np.array(latencies) if latencies else np.array([float("nan")])
     return {"answered": answered, "statuses": statuses, "wall_s": wall, "errors": errors,
             "p50_ms": float(np.percentile(lat, 50) * 1000), "p99_ms": float(np.percentile(lat, 99) * 1000),
-            "requests_per_s": sum(statuses.values()) / wall, "rows_per_s": sum(answered.values()) / wall}
+            "requests_per_s": sum(statuses.values()) / wall, "rows_per_s": sum(answered.values()) / wall,
+            "load_after": os.getloadavg()}
 
 
 def check_store(db: str, names: dict[str, str], answered: dict[str, int] | None) -> dict:
@@ -165,29 +232,124 @@ def in_process_rows_per_s(folder: Path, *, rows: int, batches: int, shape: tuple
     return rows * batches / (time.perf_counter() - t0)
 
 
+def profile_request(folder: Path, *, rows: int = 64, repeats: int = 200) -> dict:
+    """CPU milliseconds (``time.process_time``, robust to other processes' load) of the pieces of one
+    ``rows``-row request, in process: body parsing (.npy, JSON), the batch check, sha256, the store's
+    reserve + commit (with the log row), response encoding; then the model alone, the gateway's whole
+    request handler, and the whole ASGI app (FastAPI/Starlette and the threadpool hop, no sockets)."""
+    import json as _json
+
+    from misleader.pow import puzzle
+    from misleader.serving import schemas
+    from misleader.serving.app import create_app
+    from misleader.serving.keys import authenticate, create_key
+    from misleader.serving.model import ServedModel
+    from misleader.serving.store import Store
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench_gateway_prof_"))
+    store = Store(tmp / "p.sqlite3")
+    key, rec = create_key(store, name="p", budget=None)
+    model = ServedModel(folder, output="probs", device="cpu")
+    app = create_app(folder=str(folder), store=store, model=model)
+    gw = app.state.gateway
+    shape = model.input_shape
+    x = np.random.default_rng(0).random((rows, *shape), dtype=np.float32)
+    xt = torch.from_numpy(x)
+    body, jbody = npy(x), _json.dumps({"inputs": x.tolist()}).encode()
+    out = model.predict(xt).numpy()
+
+    def cpu(f, n: int = repeats) -> float:
+        f()
+        c0 = time.process_time()
+        for _ in range(n):
+            f()
+        return 1000 * (time.process_time() - c0) / n
+
+    def reserve_commit() -> None:
+        rid = store.reserve(rec.id, rows)
+        store.commit(rid, log_row={"key_id": rec.id, "status": 200, "batch_sha256": "0" * 64})
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": "/v1/predict", "raw_path": b"/v1/predict", "query_string": b"", "root_path": "",
+             "headers": [(b"authorization", f"Bearer {key}".encode()), (b"content-type", schemas.NPY.encode()),
+                         (b"content-length", str(len(body)).encode())],
+             "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 2)}
+
+    async def asgi(n: int) -> None:
+        for _ in range(n):
+            msgs = [{"type": "http.request", "body": body, "more_body": False}]
+            sent: list = []
+
+            async def receive() -> dict:
+                return msgs.pop() if msgs else {"type": "http.disconnect"}
+
+            async def send(m: dict) -> None:
+                sent.append(m)
+
+            await app(scope, receive, send)
+            assert sent[0]["status"] == 200, sent
+
+    loop = asyncio.new_event_loop()
+    loop.run_until_complete(asgi(5))
+    c0 = time.process_time()
+    loop.run_until_complete(asgi(repeats))
+    asgi_ms = 1000 * (time.process_time() - c0) / repeats
+    loop.close()
+    res = {"rows": rows, "load_before": os.getloadavg(), "cpu_ms": {
+        "parse_npy": cpu(lambda: schemas.parse_npy_batch(body)),
+        "parse_json": cpu(lambda: schemas.parse_json_batch(jbody), max(1, repeats // 10)),
+        "batch_check": cpu(lambda: gw.parse(body, schemas.NPY, rec.id)) - cpu(lambda: schemas.parse_npy_batch(body)),
+        "oracle_validate": cpu(lambda: model.validate(xt)),
+        "sha256": cpu(lambda: puzzle.batch_digest(xt)),
+        "authenticate": cpu(lambda: authenticate(store, key)),
+        "reserve_commit_log": cpu(reserve_commit),
+        "encode_npy": cpu(lambda: schemas.npy_bytes(out)),
+        "encode_json": cpu(lambda: _json.dumps({"outputs": out.tolist()}), max(1, repeats // 4)),
+        "model_predict": cpu(lambda: model.predict(xt)),
+        "gateway_handler": cpu(lambda: gw.predict(token=key, body=body, content_type=schemas.NPY, headers={})),
+        "asgi_app": asgi_ms}}
+    res["load_after"] = os.getloadavg()
+    store.close()
+    return res
+
+
 class _Skip(Exception):
     """--kill-only: skip the accounting and throughput phases."""
 
 
 def bench_store(folder: Path, db: str, args: argparse.Namespace, shape: tuple[int, ...]) -> dict:
     out: dict = {}
-    per_key_requests = args.requests // args.keys
+    total = args.requests if args.requests_per_client is None else args.requests_per_client * args.clients
+    per_key_requests = total // args.keys
     budget = int(per_key_requests * 0.9)  # the last tenth of each key's requests must be refused
-    keys = make_keys(db, args.keys, budget, "acct")
     proc, url = start_server(folder, db) if not args.kill_only else (None, "")
     try:
         if proc is None:
             raise _Skip
-        res = asyncio.run(load(url, list(keys), clients=args.clients, requests=args.requests, rows=1, shape=shape))
-        out["accounting"] = {**{k: v for k, v in res.items() if k != "answered"}, "budget_per_key": budget,
-                             "store": check_store(db, keys, res["answered"])}
+        if not args.skip_accounting:
+            keys = make_keys(db, args.keys, budget, "acct")
+            load0 = os.getloadavg()
+            res = asyncio.run(load(url, list(keys), clients=args.clients, requests=total, rows=1, shape=shape,
+                                   per_client=args.requests_per_client, http_client=args.http_client))
+            out["accounting"] = {**{k: v for k, v in res.items() if k != "answered"}, "budget_per_key": budget,
+                                 "requests": total, "requests_per_client": args.requests_per_client,
+                                 "load_before": load0, "store": check_store(db, keys, res["answered"])}
         tkeys = make_keys(db, 1, None, "thru")
         n_req = max(1, args.throughput_requests)
-        res64 = asyncio.run(load(url, list(tkeys), clients=args.clients, requests=n_req, rows=64, shape=shape))
-        local = in_process_rows_per_s(folder, rows=64, batches=n_req, shape=shape)
-        out["throughput_64"] = {"http_rows_per_s": res64["rows_per_s"], "in_process_rows_per_s": local,
+        tclients = args.throughput_clients or args.clients
+        # the in-process oracle on the same batches, before and after the HTTP phase (same process, same run)
+        local_before = in_process_rows_per_s(folder, rows=64, batches=n_req, shape=shape)
+        load0 = os.getloadavg()
+        res64 = asyncio.run(load(url, list(tkeys), clients=tclients, requests=n_req, rows=64, shape=shape,
+                                 http_client=args.http_client))
+        local_after = in_process_rows_per_s(folder, rows=64, batches=n_req, shape=shape)
+        local = (local_before + local_after) / 2
+        out["throughput_64"] = {"clients": tclients, "requests": n_req, "http_client": args.http_client,
+                                "http_rows_per_s": res64["rows_per_s"], "in_process_rows_per_s": local,
+                                "in_process_before_after": [local_before, local_after],
                                 "ratio": res64["rows_per_s"] / local, "p50_ms": res64["p50_ms"],
-                                "p99_ms": res64["p99_ms"], "statuses": res64["statuses"]}
+                                "p99_ms": res64["p99_ms"], "statuses": res64["statuses"], "errors": res64["errors"],
+                                "load_before": load0, "load_after": res64["load_after"]}
     except _Skip:
         pass
     finally:
@@ -200,8 +362,8 @@ def bench_store(folder: Path, db: str, args: argparse.Namespace, shape: tuple[in
         loop_task = asyncio.new_event_loop()
 
         async def run_and_kill() -> dict:
-            task = asyncio.create_task(load(url, list(kkeys), clients=args.clients, requests=args.requests, rows=1,
-                                            shape=shape, stop_after=60))
+            task = asyncio.create_task(load(url, list(kkeys), clients=args.clients, requests=total, rows=1,
+                                            shape=shape, stop_after=60, http_client=args.http_client))
             await asyncio.sleep(args.kill_after)
             os.kill(proc.pid, signal.SIGKILL)
             return await task
@@ -230,13 +392,24 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--target", default=None, help="victim or defense folder (default: a tiny digits victim)")
     ap.add_argument("--clients", type=int, default=32)
-    ap.add_argument("--requests", type=int, default=10000, help="single-row requests in the accounting phase")
+    ap.add_argument("--requests", type=int, default=10000,
+                    help="single-row requests in all in the accounting phase (shared by the clients)")
+    ap.add_argument("--requests-per-client", type=int, default=None,
+                    help="instead of --requests: each client sends this many (32 x 10,000: --requests-per-client "
+                         "10000)")
+    ap.add_argument("--skip-accounting", action="store_true", help="only the throughput (and kill) phases")
     ap.add_argument("--throughput-requests", type=int, default=500, help="64-row requests in the throughput phase")
+    ap.add_argument("--throughput-clients", type=int, default=None,
+                    help="concurrent clients in the throughput phase (default --clients)")
+    ap.add_argument("--http-client", choices=["raw", "httpx"], default="raw",
+                    help="load generator: raw asyncio HTTP/1.1 (little client CPU) or httpx.AsyncClient")
     ap.add_argument("--keys", type=int, default=8)
     ap.add_argument("--pg", default=os.environ.get("MISLEADER_TEST_PG"), help="PostgreSQL URL (a fresh schema)")
     ap.add_argument("--kill", action="store_true", help="also kill -9 the server mid-load and check the store")
     ap.add_argument("--kill-after", type=float, default=10.0, help="seconds of load before the kill -9")
     ap.add_argument("--kill-only", action="store_true", help="only the kill phase")
+    ap.add_argument("--profile", action="store_true",
+                    help="only the in-process CPU profile of one 64-row request (see profile_request)")
     ap.add_argument("--out", default="bench/results/gateway.json")
     args = ap.parse_args()
     args.kill = args.kill or args.kill_only
@@ -253,8 +426,19 @@ def main() -> None:
     from misleader.oracle.manifest import read_target
 
     shape = tuple(read_target(folder).input_shape)
-    result = {"target": str(folder), "clients": args.clients, "requests": args.requests, "keys": args.keys,
-              "load_before": os.getloadavg(), "cpus": os.cpu_count(), "stores": {}}
+    if args.profile:
+        result = {"target": str(folder), "command": " ".join(sys.argv), "cpus": os.cpu_count(),
+                  "profile_64": profile_request(folder)}
+        text = json.dumps(result, indent=2)
+        print(text)
+        if args.out:
+            from misleader.utils import atomic_write_text
+
+            atomic_write_text(args.out, text + "\n")
+        return
+    result = {"target": str(folder), "clients": args.clients, "requests": args.requests,
+              "requests_per_client": args.requests_per_client, "keys": args.keys, "http_client": args.http_client,
+              "command": " ".join(sys.argv), "load_before": os.getloadavg(), "cpus": os.cpu_count(), "stores": {}}
     result["stores"]["sqlite"] = bench_store(folder, str(tmp / "g.sqlite3"), args, shape)
     if args.pg:
         import psycopg

@@ -169,29 +169,3 @@ def test_pow_flow(make_client):
     # a batch over the remaining budget is refused before any puzzle is issued
     r = client.post("/v1/predict", json={"inputs": _batch(9).tolist()}, headers=_auth(key))
     assert r.status_code == 429 and r.json()["remaining"] == 8
-
-
-def test_detector_hook_scores_are_logged(make_client):
-    class MeanDetector:
-        """Scores a row by its mean pixel; flags a key once it sent a row scoring over 0.4."""
-
-        def __init__(self) -> None:
-            self.bad: set[str] = set()
-
-        def score(self, *, key_id: str, x: torch.Tensor) -> torch.Tensor:
-            s = x.flatten(1).mean(1)
-            if bool((s > 0.4).any()):
-                self.bad.add(key_id)
-            return s
-
-        def flagged(self, key_id: str) -> bool:
-            return key_id in self.bad
-
-    client, store = make_client(detector=MeanDetector())
-    key, _ = create_key(store, name="a", budget=10)
-    x = torch.full((2, 1, 32, 32), 0.25)
-    assert client.post("/v1/predict", json={"inputs": x.tolist()}, headers=_auth(key)).status_code == 200
-    assert store.last_queries(1)[0]["detector_score"] == pytest.approx(0.25)
-    assert "misleader_flagged_clients 0" in client.get("/metrics").text
-    client.post("/v1/predict", json={"inputs": (x * 2).tolist()}, headers=_auth(key))
-    assert "misleader_flagged_clients 1" in client.get("/metrics").text

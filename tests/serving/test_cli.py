@@ -47,7 +47,10 @@ def test_serve_refusals(tiny_victim, tmp_path):
 
     db = str(tmp_path / "s.sqlite3")
     for argv, msg in [((str(tmp_path / "nope"),), "not a folder"),
-                      ((str(tiny_victim), "--detector", "same"), "not available"),
+                      ((str(tiny_victim), "--policy", "refuse"), "need --detector"),
+                      ((str(tiny_victim), "--detector", str(tmp_path), "--policy", "gate"), "needs --gate-folder"),
+                      ((str(tiny_victim), "--detector", str(tmp_path / "nope")), "not a folder"),
+                      ((str(tiny_victim), "--detector", str(tmp_path)), "not a SAME detector folder"),
                       ((str(tiny_victim), "--ray"), "not available"),
                       ((str(tiny_victim), "--pow-bits", "99"), "pow-bits"),
                       ((str(tiny_victim), "--pow", str(tmp_path)), "PoW config")]:

@@ -1,4 +1,4 @@
-"""misleader serve: answer predictions of a victim or defense folder over HTTP (keys, budgets, PoW)."""
+"""misleader serve: answer predictions of a victim or defense folder over HTTP (keys, budgets, PoW, detector)."""
 
 from __future__ import annotations
 
@@ -33,7 +33,18 @@ def add_parser(sub) -> None:  # noqa: ANN001
     p.add_argument("--pow-secret-file", default=None,
                    help="file holding the HMAC secret of PoW challenges (share it between replicas; default: "
                         "$MISLEADER_POW_SECRET or a random secret per process)")
-    p.add_argument("--detector", default=None, help="(not available yet) detector policy")
+    p.add_argument("--detector", default=None, metavar="S",
+                   help="SAME detector folder (`misleader detect same train --out S`): every row is scored, per-key "
+                        "statistics kept and --policy applied to the rows above its threshold")
+    p.add_argument("--policy", choices=["log", "gate", "refuse"], default=None,
+                   help="what flagged rows get (with --detector; default log): log = the normal answer, gate = the "
+                        "answer of --gate-folder, refuse = no answer (per row; released, not counted)")
+    p.add_argument("--gate-folder", default=None, metavar="X",
+                   help="defense folder answering flagged rows (--policy gate), built on the same victim")
+    p.add_argument("--flag-fraction", type=float, default=0.5,
+                   help="a key is a flagged client above this fraction of flagged rows (default 0.5)")
+    p.add_argument("--flag-min-rows", type=positive_int, default=100,
+                   help="... once it has at least this many scored rows (default 100)")
     p.add_argument("--ray", action="store_true", help="(not available yet) run under Ray Serve")
     p.add_argument("--replicas", type=positive_int, default=1, help="Ray Serve replicas (with --ray)")
     p.add_argument("--reservation-timeout", type=float, default=None, metavar="SECONDS",
@@ -62,8 +73,11 @@ def build(args: argparse.Namespace):  # noqa: ANN201 - (FastAPI app, Store, db u
     from misleader.serving.policy import FixedBits, load_pow_policy
     from misleader.serving.store import Store, default_db
 
-    if args.detector:
-        raise MisleaderError("--detector is not available yet in this version: serve without it")
+    if args.detector is None and (args.policy is not None or args.gate_folder is not None):
+        raise MisleaderError("--policy and --gate-folder need --detector S (a SAME detector folder)")
+    policy = args.policy or "log"
+    if (policy == "gate") != (args.gate_folder is not None):
+        raise MisleaderError("--policy gate needs --gate-folder X (and --gate-folder needs --policy gate)")
     if args.ray:
         raise MisleaderError("--ray is not available yet in this version: run several `misleader serve` processes "
                              "on one --db postgresql://... store instead")
@@ -79,9 +93,20 @@ def build(args: argparse.Namespace):  # noqa: ANN201 - (FastAPI app, Store, db u
             pow_policy = FixedBits(check_bits(args.pow_bits))
         except ValueError as exc:
             raise MisleaderError(f"--pow-bits: {exc}") from None
+    detector = None
+    if args.detector is not None:
+        from misleader.serving.policy import load_detector_policy
+
+        for what, path in (("--detector", args.detector), ("--gate-folder", args.gate_folder)):
+            if path is not None and not Path(path).is_dir():
+                raise MisleaderError(f"{what} {path} is not a folder")
+        detector = load_detector_policy(args.detector, served_folder=args.folder, policy=policy,
+                                        gate_folder=args.gate_folder, output=args.output, device=args.device,
+                                        flag_fraction=args.flag_fraction, flag_min_rows=args.flag_min_rows)
     db = args.db or default_db(args.folder)
     store = Store(db)
-    cfg = GatewayConfig(output=args.output, device=args.device, max_rows=args.max_rows, pow=pow_policy)
+    cfg = GatewayConfig(output=args.output, device=args.device, max_rows=args.max_rows, pow=pow_policy,
+                        detector=detector)
     secret = pow_secret(args.pow_secret_file)
     if args.reservation_timeout is not None:
         cfg.reservation_timeout = args.reservation_timeout

@@ -11,9 +11,11 @@ Order of a prediction: body size cap (413) -> key (401 unknown, 403 revoked) -> 
 ``Retry-After``) -> batch parse and checks (400/413/422) -> proof-of-work (428 with a signed challenge
 bound to the key and the batch's sha256; the resent batch with ``X-PoW-Challenge`` / ``X-PoW-Nonce``
 is verified and the challenge spent) -> budget reservation in one transaction (429 with
-``remaining``; nothing partial) -> the model, off the event loop -> commit + query log row in one
-transaction (released if the model fails). Every refusal is logged with its status and reason.
-Errors never carry a traceback.
+``remaining``; nothing partial) -> the detector (``--detector``: every row scored, the policy of
+:mod:`misleader.serving.policy` applied to the flagged rows) and the model, off the event loop ->
+commit + query log row + the key's detector statistics in one transaction (released if the model
+fails; rows refused by the ``refuse`` policy released, not counted). Every refusal is logged with its
+status and reason. Errors never carry a traceback.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from misleader.serving import schemas
 from misleader.serving.keys import authenticate
 from misleader.serving.metrics import Metrics
 from misleader.serving.model import ServedModel
-from misleader.serving.policy import Detector, PowPolicy
+from misleader.serving.policy import DetectorPolicy, PowPolicy
 from misleader.serving.store import RESERVATION_TIMEOUT, BudgetExceeded, KeyRecord, Store
 
 log = logging.getLogger(__name__)
@@ -57,7 +59,7 @@ class GatewayConfig:
     max_body_bytes: int | None = None   # default: what max_rows rows take as JSON text
     pow: PowPolicy | None = None
     pow_secret: bytes = field(default_factory=lambda: secrets.token_bytes(32))
-    detector: Detector | None = None
+    detector: DetectorPolicy | None = None
     reservation_timeout: float = RESERVATION_TIMEOUT
 
 
@@ -93,6 +95,10 @@ class Gateway:
         self.metrics = Metrics()
         self.limiter = MovingWindowRateLimiter(MemoryStorage())
         self._parse_rate = parse
+        if config.detector is not None:  # flagged clients survive a restart: their statistics are in the store
+            for key_id, stats in store.detector_stats().items():
+                if config.detector.client_flagged(stats):
+                    self.metrics.flag(key_id)
         per_row = 24 * math.prod(model.input_shape)  # generous JSON text per row
         self.max_body = config.max_body_bytes or per_row * config.max_rows + 4096
 
@@ -129,8 +135,11 @@ class Gateway:
             raise Refused(413, "too_many_rows", f"{arr.shape[0]} rows in one request; at most "
                           f"{self.config.max_rows}: split the batch", key_id=key_id)
         x = torch.from_numpy(np.ascontiguousarray(arr))
+        if (arr.ndim == len(self.model.input_shape) + 1 and arr.shape[1:] == self.model.input_shape
+                and arr.shape[0] > 0 and 0.0 <= arr.min() and arr.max() <= 1.0):
+            return x  # valid (NaN fails both comparisons); the oracle checks it again before answering
         try:
-            self.model.validate(x)
+            self.model.validate(x)  # the oracle's own message
         except ValueError as exc:
             raise Refused(422, "bad_batch", f"{exc} (expected (N, {', '.join(map(str, self.model.input_shape))})"
                           " floats in [0, 1])", key_id=key_id) from None
@@ -169,6 +178,37 @@ class Gateway:
                       "batch with X-PoW-Challenge and X-PoW-Nonce", challenge=token, bits=bits, key_id=rec.id,
                       rows=n, pow_bits=bits, headers={"X-PoW-Challenge": token})
 
+    def apply_policy(self, det: DetectorPolicy, x: torch.Tensor,
+                     flagged: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The answer under the detector policy: ``(outputs (N, K) or (N,), refused (N,) bool or None)``.
+
+        ``log``: the model on every row. ``gate``: the model on the unflagged rows, the gate folder on
+        the flagged ones. ``refuse``: the model on the unflagged rows; flagged rows get NaN (probs) or
+        -1 (labels) and are marked refused.
+        """
+        if det.policy == "log" or not bool(flagged.any()):
+            return self.model.predict(x), None
+        keep = ~flagged
+        probs = self.model.output == "probs"
+        shape = (x.shape[0], self.model.num_classes) if probs else (x.shape[0],)
+        out = (torch.full(shape, float("nan"), dtype=torch.float32) if probs
+               else torch.full(shape, -1, dtype=torch.int64))
+        if bool(keep.any()):
+            out[keep] = self.model.predict(x[keep]).to(out.dtype)
+        if det.policy == "gate":
+            out[flagged] = det.gate.predict(x[flagged]).to(out.dtype)
+            return out, None
+        return out, flagged
+
+    def note_flags(self, key_id: str, flagged_n: int, refused_n: int) -> None:
+        """Metrics of one scored request; a key crossing the flagged-client line joins ``metrics.flagged``."""
+        self.metrics.detected(flagged=flagged_n, refused=refused_n)
+        if key_id in self.metrics.flagged:
+            return
+        stats = self.store.detector_stats(key_id).get(key_id)
+        if stats is not None and self.config.detector.client_flagged(stats):
+            self.metrics.flag(key_id)
+
     # ------------------------------------------------------------------ the request, in a worker thread
     def predict(self, *, token: str | None, body: bytes, content_type: str, headers: Any) -> Response:
         t0 = time.perf_counter()
@@ -186,33 +226,54 @@ class Gateway:
             except BudgetExceeded as exc:
                 raise Refused(429, "budget", str(exc), remaining=exc.remaining, key_id=rec.id, rows=n,
                               headers={"X-Budget-Remaining": str(exc.remaining)}) from None
-            score = None
+            det = self.config.detector
+            flagged_n = refused_n = 0
+            score: float | None = None
+            refused: torch.Tensor | None = None
             try:
-                out = self.model.predict(x)
-                if self.config.detector is not None:
-                    score = float(self.config.detector.score(key_id=rec.id, x=x).float().mean())
-                    if self.config.detector.flagged(rec.id):
-                        self.metrics.flag(rec.id)
+                if det is None:
+                    out = self.model.predict(x)
+                else:
+                    scores, flagged = det.score(x)
+                    flagged_n, score = int(flagged.sum()), float(scores.double().mean())
+                    out, refused = self.apply_policy(det, x, flagged)
+                    refused_n = 0 if refused is None else int(refused.sum())
             except BaseException:
                 self.store.release(rid, log_row={"key_id": rec.id, "rows": n, "batch_sha256": digest,
                                                  "status": 500, "reason": "model_failed",
                                                  "output": self.model.output, "pow_bits": bits})
                 raise
+            answered = n - refused_n
             ms = 1000 * (time.perf_counter() - t0)
-            if not self.store.commit(rid, log_row={"key_id": rec.id, "batch_sha256": digest, "status": 200,
-                                                   "output": self.model.output, "pow_bits": bits,
-                                                   "detector_score": score, "latency_ms": ms}):
+            done = self.store.commit(rid, answered=answered,
+                                     scores=None if det is None else (n, score * n, flagged_n),
+                                     log_row={"key_id": rec.id, "batch_sha256": digest, "status": 200,
+                                              "output": self.model.output, "pow_bits": bits,
+                                              "detector_score": score, "latency_ms": ms,
+                                              "flagged_rows": None if det is None else flagged_n,
+                                              "reason": f"refused {refused_n} rows" if refused_n else None})
+            if done is None:
                 raise Refused(503, "timeout", "the request outlived its reservation: retry", key_id=rec.id)
-            remaining = self.store.get_key(rec.id).remaining
-            self.metrics.observe(status=200, seconds=time.perf_counter() - t0, rows=n)
-            hdr = {"X-Rows": str(n), "X-Budget-Remaining": "" if remaining is None else str(remaining)}
+            if det is not None:
+                self.note_flags(rec.id, flagged_n, refused_n)
+            remaining = done.remaining
+            self.metrics.observe(status=200, seconds=time.perf_counter() - t0, rows=answered)
+            hdr = {"X-Rows": str(answered), "X-Budget-Remaining": "" if remaining is None else str(remaining)}
             if bits is not None:
                 hdr["X-PoW-Bits"] = str(bits)
+            if refused_n:  # (how many rows were flagged is not told: gate and log stay covert)
+                hdr["X-Refused-Rows"] = str(refused_n)
             arr = out.cpu().numpy()
             if content_type.startswith(schemas.NPY):
                 return Response(schemas.npy_bytes(arr), media_type=schemas.NPY, headers=hdr)
-            return JSONResponse({"output": self.model.output, "rows": n, "remaining": remaining, "pow_bits": bits,
-                                 "outputs": arr.tolist()}, headers=hdr)
+            outputs = arr.tolist()
+            idx: list[int] | None = None
+            if refused is not None and refused_n:
+                idx = torch.nonzero(refused).flatten().tolist()
+                for i in idx:
+                    outputs[i] = None
+            return JSONResponse({"output": self.model.output, "rows": answered, "remaining": remaining,
+                                 "pow_bits": bits, "refused": idx, "outputs": outputs}, headers=hdr)
         except Refused as r:
             secs = time.perf_counter() - t0
             self.metrics.observe(status=r.status, seconds=secs, reason=r.reason)
@@ -312,8 +373,11 @@ def create_app(*, folder: str, store: Store, config: GatewayConfig | None = None
             info = {**model.info(max_rows=config.max_rows, pow_enabled=config.pow is not None),
                     "folder": model.folder.name}
             pow_desc = "off" if config.pow is None else config.pow.describe()
+            det = config.detector
             html = render_status(info=info, keys=store.list_keys(), queries=store.last_queries(30),
-                                 pow_desc=pow_desc, rows=model.rows_answered, flagged=gw.metrics.flagged)
+                                 pow_desc=pow_desc, rows=model.rows_answered, flagged=gw.metrics.flagged,
+                                 detector_desc="off" if det is None else det.describe(),
+                                 detector_stats=store.detector_stats() if det is not None else None)
             return HTMLResponse(html)
         return await run_in_threadpool(page)
 

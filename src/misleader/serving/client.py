@@ -7,6 +7,11 @@ Batches travel as ``.npy`` (float32, exact). The server's budget refusal raises
 (:func:`misleader.pow.puzzle.solve`) and the batch resent, the time paid kept in ``pow_seconds``;
 a rate-limit 429 waits ``Retry-After`` and retries. A batch over the server's ``max_rows`` is sent in
 chunks after checking that the key's remaining budget covers all of it.
+
+Rows refused by a server's detector (``--policy refuse``: NaN / ``-1`` rows, ``X-Refused-Rows``) are
+answered here as the in-process ``same-gate --refuse`` defense answers them: the uniform row 1/K (its
+top-1, class 0, in labels mode); ``refused_rows`` counts them. The server does not count refused rows
+against the key; the local accountant counts every row sent.
 """
 
 from __future__ import annotations
@@ -48,6 +53,7 @@ class GatewayClient:
         self.pow_seconds = 0.0
         self.pow_bits = 0
         self.pow_challenges = 0
+        self.refused_rows = 0
 
     def close(self) -> None:
         self._http.close()
@@ -94,6 +100,12 @@ class GatewayClient:
         while True:
             r = self._send("POST", "/v1/predict", content=body, headers=headers)
             if r.status_code == 200:
+                refused = int(r.headers.get("X-Refused-Rows", "0") or 0)
+                if refused:
+                    if not self.refused_rows:
+                        log.warning("%s refuses rows its detector flags: answering them with the uniform row",
+                                    self.url)
+                    self.refused_rows += refused
                 return np.load(io.BytesIO(r.content), allow_pickle=False)
             d = self._detail(r)
             if r.status_code == 428 and d.get("challenge"):
@@ -150,6 +162,11 @@ class HttpOracle(Oracle):
         return self.__client.pow_seconds
 
     @property
+    def refused_rows(self) -> int:
+        """Rows the server's detector refused (answered here with the uniform row)."""
+        return self.__client.refused_rows
+
+    @property
     def pow_bits(self) -> int:
         """Sum of the bits of the puzzles solved."""
         return self.__client.pow_bits
@@ -182,13 +199,19 @@ class HttpOracle(Oracle):
         out = torch.from_numpy(np.concatenate(parts))
         if self.__served == "probs":
             out = out.float()
+            refused = out.isnan().any(dim=1)
+            if bool(refused.any()):  # refused rows: the uniform row, as same-gate --refuse answers in process
+                out[refused] = 1.0 / out.shape[1]
             return out.argmax(dim=1) if self.output == "labels" else out
-        return out.long()
+        out = out.long()
+        return out.clamp_min(0)  # a refused label (-1): class 0, the uniform row's top-1
 
     def _probs(self, x: torch.Tensor) -> torch.Tensor:
         if self.__served != "probs":
             raise MisleaderError("this server answers labels only")
-        return torch.from_numpy(self.__client.predict_npy(x.detach().cpu().float().numpy())).float()
+        out = torch.from_numpy(self.__client.predict_npy(x.detach().cpu().float().numpy())).float()
+        out[out.isnan().any(dim=1)] = 1.0 / out.shape[1]
+        return out
 
     def close(self) -> None:
         self.__client.close()

@@ -20,6 +20,8 @@ class Metrics:
         self.pow_bits_issued = 0
         self.pow_challenges = 0
         self.flagged: set[str] = set()
+        self.rows_flagged = 0
+        self.rows_refused = 0
         self._hist = [0] * (len(BUCKETS) + 1)
         self._sum = 0.0
         self._count = 0
@@ -39,6 +41,11 @@ class Metrics:
         with self._lock:
             self.pow_challenges += 1
             self.pow_bits_issued += bits
+
+    def detected(self, *, flagged: int, refused: int) -> None:
+        with self._lock:
+            self.rows_flagged += flagged
+            self.rows_refused += refused
 
     def flag(self, key_id: str) -> None:
         with self._lock:
@@ -62,6 +69,13 @@ class Metrics:
                     f"misleader_pow_challenges_total {self.pow_challenges}",
                     "# HELP misleader_flagged_clients Keys flagged by the detector.",
                     "# TYPE misleader_flagged_clients gauge", f"misleader_flagged_clients {len(self.flagged)}",
+                    # which keys: on the status page (admin key) only, /metrics is not authenticated
+                    "# HELP misleader_detector_rows_flagged_total Rows the detector flagged.",
+                    "# TYPE misleader_detector_rows_flagged_total counter",
+                    f"misleader_detector_rows_flagged_total {self.rows_flagged}",
+                    "# HELP misleader_detector_rows_refused_total Flagged rows refused (refuse policy; not counted).",
+                    "# TYPE misleader_detector_rows_refused_total counter",
+                    f"misleader_detector_rows_refused_total {self.rows_refused}",
                     "# HELP misleader_request_seconds Prediction request latency.",
                     "# TYPE misleader_request_seconds histogram"]
             acc = 0

@@ -5,8 +5,10 @@ PostgreSQL (``postgresql://...``, psycopg 3). Budgets are exact under concurrenc
 processes: :meth:`Store.reserve` adds the rows to the key's ``reserved`` column with one conditional
 ``UPDATE`` (``used + reserved + n <= budget``) and records the reservation in the same transaction;
 :meth:`Store.commit` moves them to ``used`` and writes the query log row in one transaction;
-:meth:`Store.release` gives them back. A reservation left by a killed server is released by
-:meth:`Store.expire_reservations` once its timeout has passed (called at start and on every reserve).
+:meth:`Store.release` gives them back. A detector's per-key statistics (rows scored, score sum,
+rows flagged) are added in the commit's transaction (table ``detector_stats``). A reservation left by
+a killed server is released by :meth:`Store.expire_reservations` once its timeout has passed (called
+at start and on every reserve).
 
 Schema versioned in ``meta.schema_version`` (:data:`SCHEMA_VERSION`); a store written by a newer
 version is refused with a one-line message.
@@ -21,14 +23,14 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, NamedTuple
 from contextlib import contextmanager
 
 from misleader.errors import MisleaderError
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: detector_stats table, queries.flagged_rows
 #: seconds after which a reservation whose request never finished is released
 RESERVATION_TIMEOUT = 120.0
 
@@ -45,7 +47,10 @@ _TABLES = {
     "queries": ("CREATE TABLE IF NOT EXISTS queries (id {serial}, key_id TEXT, ts DOUBLE PRECISION NOT NULL, "
                 "rows_n BIGINT NOT NULL, batch_sha256 TEXT, output TEXT, pow_bits INTEGER, "
                 "detector_score DOUBLE PRECISION, latency_ms DOUBLE PRECISION, status INTEGER NOT NULL, "
-                "reason TEXT)"),
+                "reason TEXT, flagged_rows INTEGER)"),
+    "detector_stats": ("CREATE TABLE IF NOT EXISTS detector_stats (key_id TEXT PRIMARY KEY, "
+                       "rows_n BIGINT NOT NULL DEFAULT 0, score_sum DOUBLE PRECISION NOT NULL DEFAULT 0, "
+                       "flagged BIGINT NOT NULL DEFAULT 0)"),
 }
 _INDEXES = ["CREATE INDEX IF NOT EXISTS queries_key ON queries (key_id, id)",
             "CREATE INDEX IF NOT EXISTS reservations_expires ON reservations (expires)"]
@@ -77,6 +82,14 @@ def _key(row: Any) -> KeyRecord:
     return KeyRecord(id=row[0], name=row[1], budget=None if row[2] is None else int(row[2]), used=int(row[3]),
                      reserved=int(row[4]), rate=row[5], admin=bool(row[6]), revoked=bool(row[7]),
                      created=float(row[8]))
+
+
+class Committed(NamedTuple):
+    """What :meth:`Store.commit` counted: ``rows`` answered, the key's ``remaining`` budget after (``None``:
+    unlimited)."""
+
+    rows: int
+    remaining: int | None
 
 
 class BudgetExceeded(MisleaderError):
@@ -196,6 +209,10 @@ class Store:
             elif int(row[0]) > SCHEMA_VERSION:
                 raise MisleaderError(f"store {self._safe_url()} has schema version {row[0]}, newer than this "
                                      f"misleader's {SCHEMA_VERSION}: upgrade misleader")
+            elif int(row[0]) < SCHEMA_VERSION:  # migrate: 1 -> 2 adds queries.flagged_rows (the table is new)
+                if int(row[0]) < 2:
+                    cur.execute("ALTER TABLE queries ADD COLUMN flagged_rows INTEGER")
+                self._exec(cur, "UPDATE meta SET v = ? WHERE k = ?", (str(SCHEMA_VERSION), "schema_version"))
         self.expire_reservations()
 
     # ------------------------------------------------------------------ keys
@@ -274,28 +291,59 @@ class Store:
                                  f"remaining", remaining=remaining)
         return rid
 
-    def _finish(self, cur: Any, rid: str, *, used: bool) -> int | None:
+    def _finish(self, cur: Any, rid: str, *, used: bool, answered: int | None = None) -> int | None:
         self._exec(cur, "DELETE FROM reservations WHERE id = ? RETURNING key_id, rows_n", (rid,))
         row = cur.fetchone()
         if row is None:
             return None
         key_id, n = row[0], int(row[1])
-        col = "used = used + ?, " if used else ""
-        params = (n, n, key_id) if used else (n, key_id)
-        self._exec(cur, f"UPDATE api_keys SET {col}reserved = reserved - ? WHERE id = ?", params)
-        return n
+        if not used:
+            self._exec(cur, "UPDATE api_keys SET reserved = reserved - ? WHERE id = ?", (n, key_id))
+            return n
+        m = n if answered is None else int(answered)
+        if not 0 <= m <= n:
+            raise ValueError(f"answered rows {m} outside [0, {n}] of the reservation")
+        self._exec(cur, "UPDATE api_keys SET used = used + ?, reserved = reserved - ? WHERE id = ? "
+                        "RETURNING budget, used, reserved", (m, n, key_id))
+        budget, used_, reserved = cur.fetchone()
+        self._local.remaining = None if budget is None else int(budget) - int(used_) - int(reserved)
+        return m
 
-    def commit(self, rid: str, *, log_row: dict[str, Any]) -> bool:
+    def commit(self, rid: str, *, log_row: dict[str, Any], answered: int | None = None,
+               scores: tuple[int, float, int] | None = None) -> Committed | None:
         """Count a reservation's rows as used and log the query, in one transaction.
 
-        Returns ``False`` when the reservation had already expired (its rows were released; the caller
-        must not answer).
+        Args:
+            answered: rows actually answered (default: all reserved); the rest are released (refused rows).
+            scores: ``(rows scored, score sum, rows flagged)`` added to the key's detector statistics.
+
+        Returns:
+            ``Committed(rows, remaining)`` (the key's remaining budget just after), or ``None`` when the
+            reservation had already expired (its rows were released; the caller must not answer).
         """
         with self._tx() as cur:
-            n = self._finish(cur, rid, used=True)
+            n = self._finish(cur, rid, used=True, answered=answered)
             if n is not None:
                 self._log(cur, {**log_row, "rows": n})
-        return n is not None
+                if scores is not None:
+                    self._add_scores(cur, str(log_row["key_id"]), scores)
+        return None if n is None else Committed(n, self._local.remaining)  # this thread's commit
+
+    def _add_scores(self, cur: Any, key_id: str, scores: tuple[int, float, int]) -> None:
+        rows, total, flagged = int(scores[0]), float(scores[1]), int(scores[2])
+        self._exec(cur, "INSERT INTO detector_stats (key_id, rows_n, score_sum, flagged) VALUES (?, ?, ?, ?) "
+                        "ON CONFLICT (key_id) DO UPDATE SET rows_n = detector_stats.rows_n + excluded.rows_n, "
+                        "score_sum = detector_stats.score_sum + excluded.score_sum, "
+                        "flagged = detector_stats.flagged + excluded.flagged", (key_id, rows, total, flagged))
+
+    def detector_stats(self, key_id: str | None = None) -> dict[str, Any]:
+        """Per key id (all, or only ``key_id``): its :class:`misleader.detect.same.ClientStats`
+        (``queries`` = rows scored, ``score_sum``, ``flagged`` rows)."""
+        from misleader.detect.same import ClientStats
+
+        sql = "SELECT key_id, rows_n, score_sum, flagged FROM detector_stats"
+        rows = self._query(sql, ()) if key_id is None else self._query(sql + " WHERE key_id = ?", (key_id,))
+        return {r[0]: ClientStats(queries=int(r[1]), score_sum=float(r[2]), flagged=int(r[3])) for r in rows}
 
     def release(self, rid: str, *, log_row: dict[str, Any] | None = None) -> None:
         """Give a reservation's rows back (the model failed; nothing was answered)."""
@@ -330,12 +378,12 @@ class Store:
 
     # ------------------------------------------------------------------ query log
     _LOG_COLS = ("key_id", "ts", "rows_n", "batch_sha256", "output", "pow_bits", "detector_score", "latency_ms",
-                 "status", "reason")
+                 "status", "reason", "flagged_rows")
 
     def _log(self, cur: Any, row: dict[str, Any]) -> None:
         values = (row.get("key_id"), float(row.get("ts", time.time())), int(row.get("rows", 0)),
                   row.get("batch_sha256"), row.get("output"), row.get("pow_bits"), row.get("detector_score"),
-                  row.get("latency_ms"), int(row["status"]), row.get("reason"))
+                  row.get("latency_ms"), int(row["status"]), row.get("reason"), row.get("flagged_rows"))
         self._exec(cur, f"INSERT INTO queries ({', '.join(self._LOG_COLS)}) VALUES "
                         f"({', '.join('?' * len(values))})", values)
 
@@ -365,4 +413,4 @@ def default_db(folder: str | Path) -> str:
     return str(folder.parent / f"{folder.name}.gateway.sqlite3")
 
 
-__all__ = ["BudgetExceeded", "KeyRecord", "RESERVATION_TIMEOUT", "SCHEMA_VERSION", "Store", "default_db"]
+__all__ = ["BudgetExceeded", "Committed", "KeyRecord", "RESERVATION_TIMEOUT", "SCHEMA_VERSION", "Store", "default_db"]
