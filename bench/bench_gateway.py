@@ -57,8 +57,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+#: extra `misleader serve` arguments for every server the bench starts (``--ray-replicas N`` sets them)
+SERVER_EXTRA: list[str] = []
+#: seconds to wait for a server to answer /healthz (Ray Serve starts its cluster and replicas first)
+START_WAIT_S = 60.0
+
+
 def start_server(folder: Path, db: str, *extra: str) -> tuple[subprocess.Popen, str]:
     import httpx
+
+    extra = (*SERVER_EXTRA, *extra)
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
@@ -66,7 +74,8 @@ def start_server(folder: Path, db: str, *extra: str) -> tuple[subprocess.Popen, 
     proc = subprocess.Popen([sys.executable, "-m", "misleader", "-q", "serve", str(folder), "--port", str(port),
                              "--db", db, "--device", "cpu", "--log-level", "error", *extra], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    for _ in range(600):
+    deadline = time.monotonic() + START_WAIT_S
+    while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError("the server exited at start")
         try:
@@ -355,7 +364,7 @@ def bench_store(folder: Path, db: str, args: argparse.Namespace, shape: tuple[in
     finally:
         if proc is not None:
             proc.terminate()
-            proc.wait(30)
+            proc.wait(120)
     if args.kill:
         kkeys = make_keys(db, args.keys, int(per_key_requests * 0.9), "kill")
         proc, url = start_server(folder, db, "--reservation-timeout", "2")
@@ -410,6 +419,9 @@ def main() -> None:
     ap.add_argument("--kill-only", action="store_true", help="only the kill phase")
     ap.add_argument("--profile", action="store_true",
                     help="only the in-process CPU profile of one 64-row request (see profile_request)")
+    ap.add_argument("--ray-replicas", type=int, default=None, metavar="N",
+                    help="serve under Ray Serve with N replicas sharing the PostgreSQL store (needs --pg; the "
+                         "SQLite and kill phases are skipped)")
     ap.add_argument("--out", default="bench/results/gateway.json")
     args = ap.parse_args()
     args.kill = args.kill or args.kill_only
@@ -439,7 +451,16 @@ def main() -> None:
     result = {"target": str(folder), "clients": args.clients, "requests": args.requests,
               "requests_per_client": args.requests_per_client, "keys": args.keys, "http_client": args.http_client,
               "command": " ".join(sys.argv), "load_before": os.getloadavg(), "cpus": os.cpu_count(), "stores": {}}
-    result["stores"]["sqlite"] = bench_store(folder, str(tmp / "g.sqlite3"), args, shape)
+    if args.ray_replicas:
+        global START_WAIT_S
+        if not args.pg:
+            raise SystemExit("--ray-replicas needs --pg URL (the replicas share a PostgreSQL store)")
+        SERVER_EXTRA[:] = ["--ray", "--replicas", str(args.ray_replicas), "--replica-cpus", "0.5"]
+        START_WAIT_S = 600.0
+        args.kill = args.kill_only = False
+        result["ray_replicas"] = args.ray_replicas
+    else:
+        result["stores"]["sqlite"] = bench_store(folder, str(tmp / "g.sqlite3"), args, shape)
     if args.pg:
         import psycopg
 

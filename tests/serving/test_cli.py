@@ -51,7 +51,6 @@ def test_serve_refusals(tiny_victim, tmp_path):
                       ((str(tiny_victim), "--detector", str(tmp_path), "--policy", "gate"), "needs --gate-folder"),
                       ((str(tiny_victim), "--detector", str(tmp_path / "nope")), "not a folder"),
                       ((str(tiny_victim), "--detector", str(tmp_path)), "not a SAME detector folder"),
-                      ((str(tiny_victim), "--ray"), "not available"),
                       ((str(tiny_victim), "--pow-bits", "99"), "pow-bits"),
                       ((str(tiny_victim), "--pow", str(tmp_path)), "PoW config")]:
         with pytest.raises(MisleaderError, match=msg):
@@ -65,3 +64,22 @@ def test_serve_refusals(tiny_victim, tmp_path):
     store.close()
     with pytest.raises(MisleaderError, match="postgresql"):
         Store("mysql://x")
+
+
+def test_serve_ray_refusals(tiny_victim, tmp_path):
+    """Settings whose Ray Serve replicas could not share their state are refused before Ray starts."""
+    from misleader.commands.serve import check_ray
+
+    db = str(tmp_path / "s.sqlite3")
+    pg = "postgresql://u@127.0.0.1/db"
+    for argv, msg in [(("--replicas", "2", "--db", db), "need --ray"),
+                      (("--ray", "--replicas", "2", "--db", db), "share one store"),
+                      (("--ray", "--replicas", "2", "--db", pg, "--pow-bits", "4"), "pow-secret-file"),
+                      (("--ray", "--db", pg, "--replica-cpus", "0"), "replica-cpus")]:
+        with pytest.raises(MisleaderError, match=msg):
+            check_ray(_serve_args(str(tiny_victim), *argv))
+    check_ray(_serve_args(str(tiny_victim), "--ray", "--db", db))  # one replica may keep its SQLite file
+    secret = tmp_path / "secret"
+    secret.write_text("s" * 32)
+    check_ray(_serve_args(str(tiny_victim), "--ray", "--replicas", "3", "--db", pg, "--pow-bits", "4",
+                          "--pow-secret-file", str(secret)))

@@ -45,8 +45,13 @@ def add_parser(sub) -> None:  # noqa: ANN001
                    help="a key is a flagged client above this fraction of flagged rows (default 0.5)")
     p.add_argument("--flag-min-rows", type=positive_int, default=100,
                    help="... once it has at least this many scored rows (default 100)")
-    p.add_argument("--ray", action="store_true", help="(not available yet) run under Ray Serve")
+    p.add_argument("--ray", action="store_true",
+                   help="run under Ray Serve (pip install 'ray[serve]'); several replicas need a shared "
+                        "--db postgresql://... store and, with proof-of-work, --pow-secret-file")
     p.add_argument("--replicas", type=positive_int, default=1, help="Ray Serve replicas (with --ray)")
+    p.add_argument("--replica-cpus", type=float, default=1.0, help="CPUs Ray reserves per replica (with --ray)")
+    p.add_argument("--ray-address", default=None,
+                   help="join this Ray cluster (with --ray; default $RAY_ADDRESS, else a local Ray instance)")
     p.add_argument("--reservation-timeout", type=float, default=None, metavar="SECONDS",
                    help="release a reservation whose request has not finished after this long (default 120)")
     p.add_argument("--log-level", default="warning", help="uvicorn log level (default warning)")
@@ -78,9 +83,6 @@ def build(args: argparse.Namespace):  # noqa: ANN201 - (FastAPI app, Store, db u
     policy = args.policy or "log"
     if (policy == "gate") != (args.gate_folder is not None):
         raise MisleaderError("--policy gate needs --gate-folder X (and --gate-folder needs --policy gate)")
-    if args.ray:
-        raise MisleaderError("--ray is not available yet in this version: run several `misleader serve` processes "
-                             "on one --db postgresql://... store instead")
     if not Path(args.folder).is_dir():
         raise MisleaderError(f"{args.folder} is not a folder: pass a victim or defense folder")
     pow_policy = None
@@ -115,9 +117,43 @@ def build(args: argparse.Namespace):  # noqa: ANN201 - (FastAPI app, Store, db u
     return create_app(folder=args.folder, store=store, config=cfg), store, db
 
 
+def _replica_app(settings: dict):  # noqa: ANN202 - the FastAPI app of one Ray Serve replica
+    """Build the gateway app on a Ray Serve replica from the command line's settings (plain values only)."""
+    return build(argparse.Namespace(**settings))[0]
+
+
+def check_ray(args: argparse.Namespace) -> None:
+    """Refuse Ray Serve settings whose replicas could not share their state (one line, with the fix)."""
+    if not args.ray:
+        if args.replicas != 1 or args.ray_address is not None:
+            raise MisleaderError("--replicas and --ray-address need --ray")
+        return
+    if args.replicas > 1 and not (args.db or "").startswith(("postgresql://", "postgres://")):
+        raise MisleaderError(f"--ray --replicas {args.replicas}: replicas must share one store: "
+                             "pass --db postgresql://USER@HOST/DB")
+    if args.replicas > 1 and (args.pow or args.pow_bits is not None) and pow_secret(args.pow_secret_file) is None:
+        raise MisleaderError("--ray with proof-of-work: replicas must sign challenges with one secret: pass "
+                             "--pow-secret-file FILE (or set $MISLEADER_POW_SECRET)")
+    if not args.replica_cpus > 0:
+        raise MisleaderError(f"--replica-cpus must be > 0, got {args.replica_cpus}")
+
+
 def run(args: argparse.Namespace) -> int:
     import uvicorn
 
+    check_ray(args)
+    if args.ray:
+        import functools
+
+        from misleader.serving import ray_serve
+
+        _, store, _ = build(args)  # every check of the settings, once, here (each replica builds its own app)
+        store.close()
+        settings = {**vars(args), "ray": False, "func": None}
+        ray_serve.run(build_app=functools.partial(_replica_app, settings), replicas=args.replicas, host=args.host,
+                      port=args.port, address=args.ray_address or os.environ.get("RAY_ADDRESS"),
+                      cpus_per_replica=args.replica_cpus)
+        return 0
     app, store, db = build(args)
     log.info("serving %s on http://%s:%d (store %s)", args.folder, args.host, args.port, store._safe_url())
     print(f"misleader: serving {args.folder} on http://{args.host}:{args.port} (store {store._safe_url()})",

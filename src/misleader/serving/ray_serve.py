@@ -16,6 +16,7 @@ not import Ray.
 from __future__ import annotations
 
 import logging
+import signal
 import time
 from typing import Any, Callable
 
@@ -84,6 +85,11 @@ def run(*, build_app: Callable[[], Any], replicas: int, host: str, port: int, ad
     print(f"misleader: serving under Ray Serve, {replicas} replica(s), on http://{host}:{port}", flush=True)
     if not blocking:
         return
+
+    def _stop(signum: int, frame: Any) -> None:  # SIGTERM (kill, systemd, a bench) shuts down like Ctrl-C
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _stop)
     try:
         while True:
             time.sleep(3600)
