@@ -499,7 +499,7 @@ class DFME(Attack):
         ledger = QueryLedger(oracle, attack="dfme", device=dev)
         gen_dev = device_generator(generator, dev)
         with forked_rng(generator, dev):
-            netg = GeneratorA(nz=cfg.nz, ngf=cfg.ngf, img_size=h, nc=c)
+            netg = GeneratorA(nz=cfg.nz, ngf=cfg.ngf, img_size=h, nc=c, fast_upsample=True)
         # channels_last: oneDNN (CPU) and tensor-core convolutions avoid a layout copy per layer (2x on CPU)
         netg = netg.to(dev, memory_format=torch.channels_last)
         clone.to(dev).train()
