@@ -382,3 +382,11 @@ def test_generator_fast_upsample_is_the_same_function():
     gb = torch.autograd.grad(b.square().sum(), list(fast.parameters()))
     for (name, _), x, y in zip(plain.named_parameters(), ga, gb):
         torch.testing.assert_close(y, x, atol=1e-10, rtol=1e-8, msg=name)
+
+
+def test_cpu_bf16_option_runs_deterministically_and_changes_the_run():
+    a, b = _run(0, cpu_bf16=True), _run(0, cpu_bf16=True)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    c = _run(0)
+    assert any(not torch.equal(a[k], c[k]) for k in a)
+    assert all(v.dtype == c[k].dtype and torch.isfinite(v).all() for k, v in a.items())

@@ -114,8 +114,8 @@ def upsample_conv3x3(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
     o = conv.out_channels
     weight = _phase_weight(conv.weight).contiguous(memory_format=torch.channels_last)
     bias = None if conv.bias is None else conv.bias.repeat(4)
-    xp = F.pad(x, (1, 1, 1, 1)).contiguous(memory_format=torch.channels_last)
-    y = F.conv2d(xp, weight, bias).contiguous(memory_format=torch.channels_last)  # (N, 4O, H+1, W+1)
+    x = x.contiguous(memory_format=torch.channels_last)
+    y = F.conv2d(x, weight, bias, padding=1).contiguous(memory_format=torch.channels_last)  # (N, 4O, H+1, W+1)
     y = y.permute(0, 2, 3, 1)  # (N, H+1, W+1, 4O), contiguous; channel (2a + b) * O + o
     # out[n, i, a, j, b, o] = y[n, i + a, j + b, (2a + b) * O + o]: one strided view of y (no overlap)
     return _InterleavePhases.apply(y).permute(0, 3, 1, 2)
