@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -37,6 +38,7 @@ CONFIGS: dict[str, dict] = {
                           "pool": "attacker"},
     "dfme": {"budget": 20_000, "labels": "soft", "options": {}},
     "dfme-ngf32": {"attack": "dfme", "budget": 20_000, "labels": "soft", "options": {"preset": "small", "ngf": 32}},
+    "dfme-bf16": {"attack": "dfme", "budget": 20_000, "labels": "soft", "options": {"cpu_bf16": True}},
     "dfms-hl": {"budget": 30_000, "labels": "hard", "options": {"preset": "cpu"}},
 }
 
@@ -76,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     os.environ.setdefault("MISLEADER_PROGRESS", "0")
 
+    import misleader
     import misleader.attacks  # noqa: F401  (registers every attack present)
     from misleader.attacks import ATTACKS
     from misleader.attacks.harness import run_attack
@@ -109,12 +112,15 @@ def main(argv: list[str] | None = None) -> int:
                "queries_used": res["queries_used"], "seconds": round(res["seconds"], 2),
                "queries_per_s": round(qps_attack, 1), "oracle_rows_per_s": round(oracle_rate, 1),
                "ratio_to_oracle": round(qps_attack / oracle_rate, 4), "load_average": os.getloadavg()[0],
+               "projected_2m_minutes": round(2_000_000 / qps_attack / 60, 1),
                "clone_accuracy": round(res["clone_accuracy"], 4), "options": options}
         rows.append(row)
         print(json.dumps(row), flush=True)
     from misleader.utils import environment, write_json
 
-    write_json(args.out, {"target": str(target), "threads": args.threads, "oracle_queries_per_s": qps,
+    write_json(args.out, {"command": "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
+                          "code": str(Path(misleader.__file__).resolve().parent),
+                          "target": str(target), "threads": args.threads, "oracle_queries_per_s": qps,
                           "load_average": os.getloadavg(), "rows": rows, "environment": environment()})
     return 0
 

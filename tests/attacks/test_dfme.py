@@ -340,3 +340,53 @@ def test_image_space_of_the_queries(center, scale):
     assert abs(float(x.mean()) - center) < 0.1
     with pytest.raises(MisleaderError, match="image_scale"):
         DFME(image_scale=0.0)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_upsample_conv3x3_is_upsample_then_conv_with_the_same_gradients(bias, channels_last):
+    from misleader.models.generators import upsample_conv3x3
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 4, 3, padding=1, bias=bias)
+    x = torch.randn(2, 3, 5, 6)
+    if channels_last:
+        conv = conv.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_(True)
+    ref = conv(F.interpolate(x, scale_factor=2))
+    out = upsample_conv3x3(x, conv)
+    assert out.shape == ref.shape == (2, 4, 10, 12)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    w = torch.randn_like(ref)  # a loss that weights every output pixel differently
+    g_ref = torch.autograd.grad((ref * w).sum(), [x, *conv.parameters()])
+    g_new = torch.autograd.grad((out * w).sum(), [x, *conv.parameters()])
+    for a, b in zip(g_ref, g_new):
+        torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="3x3"):
+        upsample_conv3x3(x, nn.Conv2d(3, 4, 3, padding=1, stride=2))
+
+
+def test_generator_fast_upsample_is_the_same_function():
+    from misleader.models.generators import GeneratorA
+
+    torch.manual_seed(0)  # float64: the same function up to rounding (float32 rounding differs by ~1e-6)
+    plain = GeneratorA(nz=8, ngf=4, img_size=12, nc=2).double().train()
+    fast = GeneratorA(nz=8, ngf=4, img_size=12, nc=2, fast_upsample=True).double().train()
+    fast.load_state_dict(plain.state_dict())
+    z = torch.randn(6, 8, dtype=torch.float64)
+    a, b = plain(z, pre_x=True), fast(z, pre_x=True)
+    torch.testing.assert_close(b, a, atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(fast(z), plain(z), atol=1e-10, rtol=1e-10)
+    ga = torch.autograd.grad(a.square().sum(), list(plain.parameters()))
+    gb = torch.autograd.grad(b.square().sum(), list(fast.parameters()))
+    for (name, _), x, y in zip(plain.named_parameters(), ga, gb):
+        torch.testing.assert_close(y, x, atol=1e-10, rtol=1e-8, msg=name)
+
+
+def test_cpu_bf16_option_runs_deterministically_and_changes_the_run():
+    a, b = _run(0, cpu_bf16=True), _run(0, cpu_bf16=True)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    c = _run(0)
+    assert any(not torch.equal(a[k], c[k]) for k in a)
+    assert all(v.dtype == c[k].dtype and torch.isfinite(v).all() for k, v in a.items())

@@ -63,6 +63,12 @@ Throughput: one oracle call per iteration. The clone's ``d_iter`` fresh batches 
 its own step), so they are generated, then answered together; the clone is evaluated at the probes
 only when the next iteration starts, after its own steps, as in the reference. Losses stay on the
 device (no host synchronisation per step); the attacker's held-out agreement is counted there too.
+The generator runs channels-last with ``GeneratorA(fast_upsample=True)`` (each "upsample x2, conv3" as four
+2x2 convolutions of the low-resolution input: the same function with 16/36 of the multiply-adds; its float
+rounding differs from the plain order by ~1e-6, so runs are not bit-identical to the plain order's, but the
+same seed still gives the same run). ``cpu_bf16=True`` (off by default: it changes the numbers) adds bfloat16
+autocast on CPU, about 2x the generator's speed on a CPU with AMX / AVX512-BF16 (issue 10's measurements:
+``bench/results/attacks_dfme_h10_*.json``).
 
 Deviations from the reference code:
     * Our oracles and models take [0, 1] images and normalise inside, so the generator's tanh image
@@ -313,6 +319,10 @@ class DFMEConfig:
     image_center: tuple[float, ...] | None = None
     image_scale: tuple[float, ...] | None = None
     amp: bool = True
+    #: ``True``: bfloat16 autocast on CPU as well (the generator's forwards and the clone's training forwards;
+    #: the clone at the probe points stays float32, as with ``amp`` on CUDA). About 2x the generator's speed on
+    #: a CPU with AVX512-BF16/AMX, slower without; bf16 rounding changes the run, so it is off by default
+    cpu_bf16: bool = False
     #: ``True``: each iteration's clone batches and the next iteration's probes share one oracle call (same
     #: queries, fewer calls); ``False``: one call per clone batch, asked while the clone is in train mode and
     #: trained on the very tensor asked (what adaptive variants that edit clone batches hook into)
@@ -499,7 +509,7 @@ class DFME(Attack):
         ledger = QueryLedger(oracle, attack="dfme", device=dev)
         gen_dev = device_generator(generator, dev)
         with forked_rng(generator, dev):
-            netg = GeneratorA(nz=cfg.nz, ngf=cfg.ngf, img_size=h, nc=c)
+            netg = GeneratorA(nz=cfg.nz, ngf=cfg.ngf, img_size=h, nc=c, fast_upsample=True)
         # channels_last: oneDNN (CPU) and tensor-core convolutions avoid a layout copy per layer (2x on CPU)
         netg = netg.to(dev, memory_format=torch.channels_last)
         clone.to(dev).train()
@@ -513,6 +523,12 @@ class DFME(Attack):
         center_t = torch.tensor(center, device=dev).view(1, c, 1, 1)
         scale_t = torch.tensor(scale, device=dev).view(1, c, 1, 1)
 
+        def mixed() -> Any:
+            """The mixed-precision context of the generator and the clone's training forwards."""
+            if dev.type == "cpu" and cfg.cpu_bf16:
+                return torch.autocast("cpu", dtype=torch.bfloat16)
+            return autocast(dev, cfg.amp)
+
         def to_image(x_tanh: torch.Tensor) -> torch.Tensor:
             """[-1, 1] -> [0, 1]: ``clamp(center + scale * x)`` per channel (see :func:`image_affine`)."""
             return torch.addcmul(center_t, scale_t, x_tanh).clamp_(0.0, 1.0)
@@ -522,7 +538,7 @@ class DFME(Attack):
 
         def new_probes() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
             """A generator batch (pre-tanh, with its graph), its probe points as queries and directions."""
-            with autocast(dev, cfg.amp):
+            with mixed():
                 x_pre = netg(sample_z(cfg.batch_size), pre_x=True)
             x_pre = x_pre.float()
             points, u = probe_points(x_pre, m=cfg.grad_m, epsilon=cfg.grad_epsilon, generator=gen_dev)
@@ -565,7 +581,7 @@ class DFME(Attack):
                 opt_g.step()
                 loss_g = loss_at_x.mean().detach()
             # (2) one oracle call: the clone's fresh generated batches (+ the next iteration's probes)
-            with torch.no_grad(), autocast(dev, cfg.amp):
+            with torch.no_grad(), mixed():
                 x_clone = torch.cat([to_image(netg(sample_z(cfg.batch_size)).float()) for _ in range(cfg.d_iter)]
                                     or [torch.empty(0, c, h, w, device=dev)])
             last = it == iterations - 1
@@ -583,7 +599,7 @@ class DFME(Attack):
             # (3) d_iter clone steps: L1 to the recovered victim logits
             clone.train()
             for xb, tb in batches:
-                with autocast(dev, cfg.amp):
+                with mixed():
                     out = clone(xb)
                 out = out.float()
                 agree = (out.detach().argmax(1) == tb.argmax(1)).sum()  # held out: not trained on yet

@@ -63,8 +63,12 @@ Deviations from the reference code:
       0-9, so epoch 0 trains at the full lr and epoch 1 at lr 0, and then resumes its per-epoch
       cosine from there.
     * The generator and discriminator grads that the reference accumulates into the clone (and the
-      generator loss into D) are not computed (``requires_grad_(False)`` during those steps); the
-      reference zeroed them before use, so the updates are the same.
+      generator loss into D) are not computed (``requires_grad_(False)`` during those steps, or
+      ``backward(inputs=...)``); the reference zeroed them before use, so the updates are the same.
+    * In stage 4 the discriminator's forward on the fakes is shared by the generator step and the
+      discriminator step that follows it (the reference runs it twice with the same D weights on the
+      same images: same values; D's BatchNorm running statistics, which nothing reads, are updated
+      once per iteration instead of twice).
     * Randomness comes from the ``torch.Generator`` given to :meth:`DFMSHL.run`.
 """
 
@@ -412,14 +416,23 @@ class DFMSHL(Attack):
         ones = torch.ones(cfg.batch_size, device=dev)
         zeros = torch.zeros(cfg.batch_size, device=dev)
 
-        def d_step(real_pm1: torch.Tensor, fake_pm1: torch.Tensor) -> float:
-            """Discriminator: BCE(D(real), 1) + BCE(D(fake), 0); images in [-1, 1]."""
+        g_params, d_params = list(netg.parameters()), list(netd.parameters())
+
+        def d_step(real_pm1: torch.Tensor, fake_pm1: torch.Tensor, *,
+                   out_fake: torch.Tensor | None = None) -> torch.Tensor:
+            """Discriminator: BCE(D(real), 1) + BCE(D(fake), 0); images in [-1, 1].
+
+            ``out_fake``: D's float32 output on ``fake_pm1`` with its graph, if already computed with the current
+            D weights (only D's parameters get gradients).
+            """
             n = len(real_pm1)
             with autocast(dev, cfg.amp):
-                out_real, out_fake = netd(real_pm1).float(), netd(fake_pm1.detach()).float()
+                out_real = netd(real_pm1).float()
+                if out_fake is None:
+                    out_fake = netd(fake_pm1.detach()).float()
             loss = bce(out_real, ones[:n]) + bce(out_fake, zeros[: len(fake_pm1)])
             opt_d.zero_grad(set_to_none=True)
-            loss.backward()
+            loss.backward(inputs=d_params)
             opt_d.step()
             return loss.detach()
 
@@ -532,23 +545,23 @@ class DFMSHL(Attack):
             loss_c = loss.detach()
             if selector is not None:
                 selector.update_ema()
-            # generator step: fool D + class diversity on the clone (clone in eval mode, frozen)
+            # generator step: fool D + class diversity on the clone (clone in eval mode, frozen). D's output on
+            # the fakes is computed once and serves the discriminator step too (same D weights, same images):
+            # each backward is restricted to its own model's parameters (``inputs=``)
             clone.eval()
             clone.requires_grad_(False)
-            netd.requires_grad_(False)
             with autocast(dev, cfg.amp):
-                out_d, out_c = netd(fake), clone(tanh_to_unit(fake))
-            adv = bce(out_d.float(), ones)
+                out_d, out_c = netd(fake).float(), clone(tanh_to_unit(fake))
+            adv = bce(out_d, ones)
             div = diversity_loss(out_c.float(), temperature=cfg.temperature)
             loss_gen = adv + cfg.diversity_weight * div
             opt_g.zero_grad(set_to_none=True)
-            loss_gen.backward()
+            loss_gen.backward(inputs=g_params, retain_graph=True)
             opt_g.step()
             clone.requires_grad_(True)
-            netd.requires_grad_(True)
             loss_g_adv, loss_div = adv.detach(), div.detach()
-            # discriminator step
-            d_step(real, fake)
+            # discriminator step (its fake half is out_d; the G step above does not change D or the fakes)
+            d_step(real, fake, out_fake=out_d)
             if selector is not None and ((it + 1) % select_every == 0 or it == iterations - 1):
                 selector.consider("clone", it + 1)
             if evaluate is not None and (ledger.spent >= next_eval or it == iterations - 1):
