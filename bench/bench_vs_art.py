@@ -6,7 +6,9 @@ counting oracle (ART through a ``BlackBoxClassifier`` whose ``predict`` queries 
 the one from the issue: ``KnockoffNets(batch_size_fit=64, nb_epochs=15, sampling_strategy="random",
 use_probability=False)`` with an Adam (lr 1e-3) ``PyTorchClassifier`` thief. misleader's runs with its
 default preset for the target (``preset="auto"``). Prints one JSON line per attack (clone test
-accuracy, attack seconds, queries) and the ratio of the times; the test set is read only here, to report.
+accuracy, attack wall seconds and this process's CPU seconds, queries, load average; for misleader the
+querying and training seconds) and the ratios of the times; the test set is read only here, to report.
+ART shuffles with numpy's global RNG, seeded with ``--seed`` so that a rerun repeats ART's run.
 
 ART is optional (the ``bench`` extra: ``pip install adversarial-robustness-toolbox``); without it the
 script says so and exits 0.

@@ -20,7 +20,8 @@ Two query strategies over the attacker's pool P_A (see :mod:`misleader.attacks.p
 Both end the same way: the clone trains on the whole transfer set for ``epochs`` epochs with soft
 cross-entropy  sum_k -y_k log softmax(z)_k  on the returned probabilities (``labels="soft"``) or
 cross-entropy on the returned labels (a labels-only oracle: the attack never sees a probability),
-no augmentation, lr x``lr_gamma`` after 60% of the epochs. The training settings are presets
+by default with no augmentation and lr x``lr_gamma`` after 60% of the epochs (options add a one-cycle
+schedule, label smoothing of label answers and random shifts of the transfer images). The training settings are presets
 (:data:`PRESETS`): ``reference`` is the reference's (SGD lr 0.01, momentum 0.5, batch 64, 100 epochs,
 StepLR(60, 0.1)); ``sgd20`` the same at 20 epochs (the former default); ``fast`` (the default for
 MNIST-family targets) was chosen on the attacker's own held-out slice of its paid transfer set, as the
@@ -54,7 +55,12 @@ Deviations from the reference code:
   exhausted arm is retired instead of being re-sampled (unless ``repeat_pool``).
 * Against a labels-only oracle the victim's answer enters the rewards as a one-hot vector, so the
   certainty reward is the constant 1 there (``div`` and ``loss`` still carry information).
-* The transfer set stays in memory as tensors (uint8 images + answers), not pickled files.
+* The transfer set stays in memory as tensors (uint8 images + answers), not pickled files; training
+  batches are indexed from it (no DataLoader), in the channels-last layout by default.
+* Options the reference does not have: the one-cycle schedule, label smoothing and random shifts of the
+  attacker's own images (the ``fast`` preset uses them, see :data:`PRESETS`; ``reference`` and ``sgd20``
+  do not). Shifting an image keeps the victim's answer to the unshifted image as its target (no extra
+  query), which is an assumption about the victim (small translations do not change the answer).
 """
 
 from __future__ import annotations
@@ -206,6 +212,16 @@ class KnockoffNets(Attack):
             * repeat_pool: query pool images again once the pool is exhausted (the reference's refill).
             * eval_epochs: call the harness's ``evaluate`` every this many training epochs (history only).
             * amp: mixed precision on CUDA.
+            * schedule: ``step`` (the reference's StepLR, above) or ``onecycle`` (per step: linear warm-up
+              to ``lr`` over the first ``warmup`` share of the steps, then linear decay to 0;
+              :func:`onecycle_lr`).
+            * warmup: share of the steps spent warming up (``onecycle`` only).
+            * label_smoothing: eps of label smoothing on label answers (hard labels; soft answers are used
+              as they are).
+            * shift: random shifts of the attacker's own transfer images by up to this many pixels (a crop
+              of the zero-padded image, one draw per image and step; 0: none, as the reference).
+            * channels_last: train in the channels-last layout (faster convolutions on the CPU); the clone
+              comes back in the default layout.
 
     Raises:
         MisleaderError: unknown preset or option, or an invalid value.
@@ -389,6 +405,7 @@ class KnockoffNets(Attack):
         # channels-last: oneDNN's faster convolution layout on the CPU (about -20% per step for LeNet5)
         layout = torch.channels_last if self.channels_last and x.ndim == 4 else torch.contiguous_format
         clone.to(memory_format=layout)
+        smoothing = 0.0 if y.is_floating_point() else self.label_smoothing  # label answers only
         bar = progress(total=total_steps, desc="knockoff train", unit="step")
         t = 0
         for epoch in range(self.epochs):
@@ -407,7 +424,7 @@ class KnockoffNets(Attack):
                 xb = xb.contiguous(memory_format=layout)
                 with autocast(device, self.amp):
                     logits = clone(xb)
-                loss = transfer_loss(logits, yb, label_smoothing=self.label_smoothing)
+                loss = transfer_loss(logits, yb, label_smoothing=smoothing)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
