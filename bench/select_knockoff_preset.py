@@ -56,6 +56,11 @@ CANDIDATES: dict[str, dict] = {
     "sgd-oc6-b128-sh1-ls0.1": {**_OC, "lr": 0.1, "epochs": 6, "shift": 1, "label_smoothing": 0.1},
     "adam-oc6-b128-sh2-ls0.1": {**_OC, "optimizer": "adam", "lr": 4e-3, "epochs": 6, "shift": 2,
                                 "label_smoothing": 0.1},
+    "sgd-oc4-b64-ls0.1": {**_OC, "lr": 0.05, "epochs": 4, "batch_size": 64, "label_smoothing": 0.1},
+    "sgd-oc5-b64-ls0.1": {**_OC, "lr": 0.05, "epochs": 5, "batch_size": 64, "label_smoothing": 0.1},
+    "sgd-oc6-b64-ls0.1": {**_OC, "lr": 0.05, "epochs": 6, "batch_size": 64, "label_smoothing": 0.1},
+    "adam-oc5-b64-ls0.1": {**_OC, "optimizer": "adam", "lr": 2e-3, "epochs": 5, "batch_size": 64,
+                           "label_smoothing": 0.1},
 }
 
 
@@ -74,6 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clone-arch", default="lenet5")
     p.add_argument("--time-key", choices=["cpu_seconds", "seconds"], default="cpu_seconds",
                    help="time used to pick the fastest (CPU seconds of this process: less sensitive to load)")
+    p.add_argument("--previous", action="append", default=[],
+                   help="a JSON written by an earlier run (same target, budget, labels, pool, seeds): its rows "
+                        "join the selection (repeatable)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -90,6 +98,14 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     seeds = [int(v) for v in args.seeds.split(",")]
     names = args.only.split(",") if args.only else list(CANDIDATES)
+    earlier: list[dict] = []
+    for path in args.previous:
+        with open(path) as fh:
+            prev = json.load(fh)
+        same = {key: prev.get(key) for key in ("budget", "labels", "pool", "seeds")}
+        if same != {"budget": args.budget, "labels": args.labels, "pool": args.pool, "seeds": seeds}:
+            p.error(f"{path} was measured with other settings: {same}")
+        earlier += [r for r in prev["rows"] if r["candidate"] not in names]
     unknown = [n for n in names if n not in CANDIDATES]
     if unknown:
         p.error(f"unknown candidate(s) {', '.join(unknown)}; choose from {', '.join(CANDIDATES)}")
@@ -103,17 +119,18 @@ def main(argv: list[str] | None = None) -> int:
         clone = create_model(args.clone_arch, in_channels=c, num_classes=k, mean=[0.5] * c, std=[0.5] * c)
         t0, c0 = time.perf_counter(), time.process_time()
         res = attack.run(oracle, budget=args.budget, clone=clone, generator=torch.Generator().manual_seed(seed))
-        row = {"candidate": name, "seed": seed, "options": CANDIDATES[name], "seconds": round(time.perf_counter() - t0, 2),
-               "cpu_seconds": round(time.process_time() - c0, 2),
+        row = {"candidate": name, "seed": seed, "options": CANDIDATES[name],
+               "seconds": round(time.perf_counter() - t0, 2), "cpu_seconds": round(time.process_time() - c0, 2),
                "val_agreement": res.extra.get("val_agreement"), "selected_epoch": res.extra.get("selected_epoch"),
                "final_val_agreement": res.extra.get("final_val_agreement"), "val_curve": res.extra.get("val_curve"),
                "load": os.getloadavg()[0]}
         rows.append(row)
         print(json.dumps(row), flush=True)
+    rows = earlier + rows
     summary = []
-    for name in names:
+    for name in dict.fromkeys(r["candidate"] for r in rows):
         mine = [r for r in rows if r["candidate"] == name]
-        summary.append({"candidate": name, "options": CANDIDATES[name], "seeds": len(mine),
+        summary.append({"candidate": name, "options": mine[0]["options"], "seeds": len(mine),
                         **{key: round(sum(r[key] for r in mine) / len(mine), 4)
                            for key in ("final_val_agreement", "val_agreement", "cpu_seconds", "seconds")}})
         print(json.dumps(summary[-1]), flush=True)
@@ -128,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
 
         write_json(args.out, {"target": args.target, "budget": args.budget, "labels": args.labels, "pool": args.pool,
                               "seeds": seeds, "rows": rows, "summary": summary, "selected": chosen["candidate"],
-                              "tolerance": args.tolerance, "time_key": args.time_key,
+                              "tolerance": args.tolerance, "time_key": args.time_key, "previous": args.previous,
                               "command": "python bench/select_knockoff_preset.py " + " ".join(argv or sys.argv[1:])})
     return 0
 
