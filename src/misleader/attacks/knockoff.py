@@ -21,10 +21,10 @@ Both end the same way: the clone trains on the whole transfer set for ``epochs``
 cross-entropy  sum_k -y_k log softmax(z)_k  on the returned probabilities (``labels="soft"``) or
 cross-entropy on the returned labels (a labels-only oracle: the attack never sees a probability),
 by default with no augmentation and lr x``lr_gamma`` after 60% of the epochs (options add a one-cycle
-schedule, label smoothing of label answers and random shifts of the transfer images). The training settings are presets
-(:data:`PRESETS`): ``reference`` is the reference's (SGD lr 0.01, momentum 0.5, batch 64, 100 epochs,
-StepLR(60, 0.1)); ``sgd20`` the same at 20 epochs (the former default); ``fast`` (the default for
-MNIST-family targets) was chosen on the attacker's own held-out slice of its paid transfer set, as the
+schedule, label smoothing of label answers and random shifts of the transfer images). The training
+settings are presets (:data:`PRESETS`): ``reference`` is the reference's (SGD lr 0.01, momentum 0.5,
+batch 64, 100 epochs, StepLR(60, 0.1)); ``sgd20`` the same at 20 epochs (the former default); ``fast``
+(the default for MNIST-family targets: one-cycle SGD, 6 epochs, shifts, label smoothing) was chosen on the attacker's own held-out slice of its paid transfer set, as the
 setting that reaches the best held-out agreement in the least time (``bench/select_knockoff_preset.py``;
 the comment at :data:`PRESETS` gives the numbers). The transfer set is answered in batches of
 ``query_batch`` (1,024) rows. With very small transfer sets (the 240 images of the digits attacker split)
