@@ -410,3 +410,10 @@ def test_shift_and_onecycle_change_training_and_stay_reproducible(victim_net, po
         sa, sb, s0 = a.state_dict(), b.state_dict(), base.state_dict()
         assert all(torch.equal(sa[k], sb[k]) for k in sa)
         assert any(not torch.equal(sa[k], s0[k]) for k in sa)
+
+
+def test_min_steps_adds_epochs_only_to_small_transfer_sets(victim_net, pool):
+    _, few = _trained(victim_net, pool, min_steps=20)  # 64 rows / batch 16 = 4 steps per epoch -> 5 epochs
+    _, many = _trained(victim_net, pool, min_steps=8)  # 2 epochs already make 8 steps
+    assert few["epochs"] == 5 and many["epochs"] == 2
+    assert KnockoffNets(preset="fast").min_steps == 0
