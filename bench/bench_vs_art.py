@@ -6,7 +6,9 @@ counting oracle (ART through a ``BlackBoxClassifier`` whose ``predict`` queries 
 the one from the issue: ``KnockoffNets(batch_size_fit=64, nb_epochs=15, sampling_strategy="random",
 use_probability=False)`` with an Adam (lr 1e-3) ``PyTorchClassifier`` thief. misleader's runs with its
 default preset for the target (``preset="auto"``). Prints one JSON line per attack (clone test
-accuracy, attack seconds, queries) and the ratio of the times; the test set is read only here, to report.
+accuracy, attack wall seconds and this process's CPU seconds, queries, load average; for misleader the
+querying and training seconds) and the ratios of the times; the test set is read only here, to report.
+ART shuffles with numpy's global RNG, seeded with ``--seed`` so that a rerun repeats ART's run.
 
 ART is optional (the ``bench`` extra: ``pip install adversarial-robustness-toolbox``); without it the
 script says so and exits 0.
@@ -19,8 +21,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -80,12 +84,14 @@ def main(argv: list[str] | None = None) -> int:
                               optimizer=torch.optim.Adam(thief_net.parameters(), lr=1e-3), input_shape=shape,
                               nb_classes=k, clip_values=(0.0, 1.0), device_type="cpu")
     x_np = to_unit(pool_x[perm]).numpy()
-    t0 = time.perf_counter()
+    np.random.seed(args.seed)  # ART shuffles its batches with numpy's global RNG
+    t0, c0 = time.perf_counter(), time.process_time()
     art = ArtKnockoff(classifier=victim_art, batch_size_fit=64, batch_size_query=256, nb_epochs=args.art_epochs,
                       nb_stolen=args.budget, sampling_strategy="random", use_probability=False, verbose=False)
     stolen = art.extract(x=x_np, thieved_classifier=thief)
-    art_s = time.perf_counter() - t0
-    rows.append({"attack": "art-knockoff", "seconds": round(art_s, 2), "queries": oracle.queries_used,
+    art_s, art_cpu = time.perf_counter() - t0, time.process_time() - c0
+    rows.append({"attack": "art-knockoff", "seconds": round(art_s, 2), "cpu_seconds": round(art_cpu, 2),
+                 "queries": oracle.queries_used, "load": os.getloadavg()[0],
                  "clone_accuracy": round(test_accuracy(stolen.model), 4), "epochs": args.art_epochs})
     print(json.dumps(rows[-1]), flush=True)
     # ---- misleader
@@ -93,14 +99,18 @@ def main(argv: list[str] | None = None) -> int:
     attack = KnockoffNets()
     attack.adapt_to_target({kk: meta[kk] for kk in ("dataset", "input_shape", "num_classes")})
     attack.prepare(pool_x=pool_x[perm], pool_y=pool_y[perm] if pool_y is not None else None)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     res = attack.run(oracle, budget=args.budget, clone=lenet(), generator=torch.Generator().manual_seed(args.seed))
-    ours_s = time.perf_counter() - t0
+    ours_s, ours_cpu = time.perf_counter() - t0, time.process_time() - c0
     rows.append({"attack": "misleader-knockoff", "preset": attack.preset, "seconds": round(ours_s, 2),
+                 "cpu_seconds": round(ours_cpu, 2), "query_seconds": res.extra["query_seconds"],
+                 "train_seconds": res.extra["train_seconds"], "load": os.getloadavg()[0],
                  "queries": oracle.queries_used, "clone_accuracy": round(test_accuracy(res.clone), 4),
-                 "epochs": attack.epochs, "batch_size": attack.batch_size, "optimizer": attack.optimizer})
+                 **{key: getattr(attack, key) for key in ("epochs", "batch_size", "optimizer", "lr", "momentum",
+                                                          "schedule", "shift", "label_smoothing", "channels_last")}})
     print(json.dumps(rows[-1]), flush=True)
     summary = {"time_ratio_ours_over_art": round(ours_s / art_s, 3),
+               "cpu_time_ratio_ours_over_art": round(ours_cpu / art_cpu, 3),
                "accuracy_diff_ours_minus_art": round(rows[1]["clone_accuracy"] - rows[0]["clone_accuracy"], 4),
                "load_average": os.getloadavg()}
     print(json.dumps(summary))
@@ -108,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         from misleader.utils import environment, write_json
 
         write_json(args.out, {"target": args.target, "budget": args.budget, "rows": rows, **summary,
+                              "command": "python bench/bench_vs_art.py " + " ".join(argv or sys.argv[1:]),
                               "environment": environment()})
     return 0
 

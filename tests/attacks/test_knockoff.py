@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from misleader.attacks import ATTACKS
 from misleader.attacks.bandit import GradientBandit, OnlineZScore, knockoff_rewards
-from misleader.attacks.knockoff import KnockoffNets, transfer_loss
+from misleader.attacks.knockoff import KnockoffNets, onecycle_lr, transfer_loss
 from misleader.attacks.pools import convert_images, load_pool
 from misleader.errors import MisleaderError
 from misleader.models import create_model
@@ -357,3 +357,63 @@ def test_load_pool_cifar10_subset_as_gray(shared_data):
     meta = {"dataset": "mnist", "input_shape": [1, 32, 32], "split": {}}
     x, y = load_pool("cifar10-subset", target_meta=meta, data_dir=shared_data)
     assert x.shape == (5085, 1, 32, 32) and x.dtype == torch.uint8 and sorted(y.unique().tolist()) == list(range(10))
+
+
+# --------------------------------------------------------------------------- training options (issue 10)
+
+
+@pytest.mark.parametrize("bad", [{"schedule": "cosine"}, {"shift": -1}, {"label_smoothing": 1.0},
+                                 {"warmup": -0.1}])
+def test_bad_training_options(bad):
+    with pytest.raises(MisleaderError, match="knockoff option"):
+        KnockoffNets(**bad)
+
+
+def test_onecycle_lr_warms_up_then_decays_to_near_zero():
+    lrs = [onecycle_lr(t, total=50, warm=10, peak=0.1) for t in range(1, 51)]
+    assert lrs[0] == pytest.approx(0.01) and max(lrs) == pytest.approx(0.1) and lrs.index(max(lrs)) == 9
+    assert all(a < b for a, b in zip(lrs[:10], lrs[1:10])) and all(a > b for a, b in zip(lrs[9:], lrs[10:]))
+    assert 0 < lrs[-1] <= 0.1 / 40
+
+
+def test_label_smoothing_soft_equals_hard():
+    logits = torch.randn(6, K)
+    y = torch.randint(K, (6,))
+    soft = transfer_loss(logits, torch.nn.functional.one_hot(y, K).float(), label_smoothing=0.2)
+    assert torch.allclose(soft, transfer_loss(logits, y, label_smoothing=0.2))
+    assert not torch.allclose(soft, transfer_loss(logits, y))
+
+
+def _trained(victim_net, pool, **kw) -> tuple[torch.nn.Module, dict]:
+    oracle = ModelOracle(victim_net, num_classes=K, input_shape=SHAPE, output="labels", budget=64)
+    res = _attack(pool, epochs=2, batch_size=16, lr=0.05, momentum=0.9, **kw).run(
+        oracle, budget=64, clone=_net(1), generator=torch.Generator().manual_seed(0))
+    assert res.queries_used == 64
+    return res.clone, res.extra
+
+
+def test_channels_last_is_a_layout_only_and_the_clone_comes_back_contiguous(victim_net, pool):
+    fast, extra = _trained(victim_net, pool, channels_last=True)
+    plain, _ = _trained(victim_net, pool, channels_last=False)
+    assert all(p.is_contiguous() for p in fast.parameters())
+    x = pool[0][:8].float() / 255
+    with torch.no_grad():
+        assert torch.allclose(fast(x), plain(x), atol=1e-4)
+    assert extra["train_seconds"] >= 0 and extra["query_seconds"] >= 0
+
+
+def test_shift_and_onecycle_change_training_and_stay_reproducible(victim_net, pool):
+    base, _ = _trained(victim_net, pool)
+    for kw in ({"shift": 2}, {"schedule": "onecycle"}):
+        a, _ = _trained(victim_net, pool, **kw)
+        b, _ = _trained(victim_net, pool, **kw)
+        sa, sb, s0 = a.state_dict(), b.state_dict(), base.state_dict()
+        assert all(torch.equal(sa[k], sb[k]) for k in sa)
+        assert any(not torch.equal(sa[k], s0[k]) for k in sa)
+
+
+def test_min_steps_adds_epochs_only_to_small_transfer_sets(victim_net, pool):
+    _, few = _trained(victim_net, pool, min_steps=20)  # 64 rows / batch 16 = 4 steps per epoch -> 5 epochs
+    _, many = _trained(victim_net, pool, min_steps=8)  # 2 epochs already make 8 steps
+    assert few["epochs"] == 5 and many["epochs"] == 2
+    assert KnockoffNets(preset="fast").min_steps == 0
