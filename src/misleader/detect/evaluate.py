@@ -46,8 +46,9 @@ STREAMS: dict[str, dict[str, Any]] = {
 }
 
 
-#: weightings of the score's two terms reported next to the detector's own (diagnostic, never used to choose)
-ALPHA_SWEEP = (0.0, 0.1, 0.5, 0.9, 0.99, 1.0)
+#: weightings of the score's two terms reported next to the detector's own (diagnostic, never used to choose;
+#: the detector's alpha is fixed or selected on defender data before any attack is seen)
+ALPHA_SWEEP = (0.0, 0.01, 0.1, 0.5, 0.9, 0.99, 1.0)
 
 
 # --------------------------------------------------------------------------- metrics
