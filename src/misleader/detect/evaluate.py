@@ -155,6 +155,7 @@ def record_stream(name: str, *, target: str | Path, budget: int, data_dir: str |
     with forked_rng(gen, torch.device("cpu")):
         clone = create_model("lenet5", in_channels=shape[0], num_classes=int(meta["num_classes"]),
                              mean=[0.5] * shape[0], std=[0.5] * shape[0])
+    attack.adapt_to_target(dict(parsed.public_meta()))  # as the harness does (e.g. DFME's pixel mapping)
     oracle, acct = open_accounted(target, output=LABEL_MODES[labels], budget=budget, device=dev)
     keep = None
     if sample is not None and sample < budget:
