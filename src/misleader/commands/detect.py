@@ -92,7 +92,8 @@ def run_train(args: argparse.Namespace) -> int:
                      force=args.force)
     shown = {k: res[k] for k in ("threshold", "target_fpr", "val_fpr", "alpha", "seconds")}
     if res.get("alpha_selection"):
-        shown["validation_auroc_by_alpha"] = {a: round(r["mean"], 4) for a, r in res["alpha_selection"]["auroc"].items()}
+        table = res["alpha_selection"]["auroc"]
+        shown["validation_auroc_by_alpha"] = {a: round(r["mean"], 4) for a, r in table.items()}
     print(json.dumps(shown, indent=2))
     return 0
 

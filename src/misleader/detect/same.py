@@ -470,7 +470,9 @@ def train_same(*, victim: str | Path, out: str | Path, data_dir: str | Path | No
     vref = t.models["victim"]
     settings = {"command": "detect same train", "victim_sha256": vref.sha256, "preset": preset,
                 "train": train_cfg.__dict__, "aux_epochs": a_epochs, "alpha": alpha, "target_fpr": target_fpr,
-                "limit": limit, "seed": int(seed)} | ({"select_rows": int(select_rows)} if alpha == "auto" else {})
+                "limit": limit, "seed": int(seed)}
+    if alpha == "auto":
+        settings["select_rows"] = int(select_rows)
     out = Path(out)
     if claim_out_dir(out, settings, force=force, command="misleader detect same train") and (out / "result.json").exists():
         return read_json(out / "result.json")
@@ -530,6 +532,7 @@ def train_same(*, victim: str | Path, out: str | Path, data_dir: str | Path | No
     return result
 
 
-__all__ = ["ALPHA_GRID", "ClientStats", "ClientTracker", "DEFAULT_ALPHA", "DEFAULT_FPR", "PRESETS", "SameDetector", "SamePreset",
+__all__ = ["ALPHA_GRID", "ClientStats", "ClientTracker", "DEFAULT_ALPHA", "DEFAULT_FPR", "PRESETS", "SameDetector",
+           "SamePreset",
            "calibrate_threshold", "copy_detector", "load_detector", "load_detector_parts", "read_detector_meta",
            "parse_alpha", "save_detector_files", "score_u8", "select_alpha", "synthetic_outliers", "train_same"]
