@@ -44,3 +44,20 @@ def test_recording_oracle_keeps_budget_answers_and_sampled_positions(output):
     rows, pos = rec.stream()
     assert pos.tolist() == [2, 7, 9] and inner.queries_used == 10
     assert torch.equal(rows[0], x[1]) and torch.equal(rows[1], x[:4][0]) and torch.equal(rows[2], x[:4][2])
+
+
+def test_record_stream_tells_the_attack_its_target_as_the_harness_does(tiny_victim, monkeypatch, one_thread):
+    from misleader.attacks.base import Attack
+    from misleader.detect.evaluate import record_stream
+
+    seen = []
+    orig = Attack.adapt_to_target
+
+    def spy(self, meta):  # noqa: ANN001
+        seen.append(dict(meta))
+        return orig(self, meta)
+
+    monkeypatch.setattr(Attack, "adapt_to_target", spy)
+    rec = record_stream("knockoff-id", target=tiny_victim, budget=50, device="cpu")
+    assert rec["queries_used"] == 50 and len(rec["rows"]) == 50 and rec["positions"].tolist() == list(range(1, 51))
+    assert len(seen) == 1 and seen[0]["dataset"] == "digits"

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from misleader.detect.mae import MAEConfig, MAETrainConfig, MaskedAutoencoder, recon_loss, train_mae
-from misleader.detect.same import ClientTracker, SameDetector, calibrate_threshold, load_detector, train_same
+from misleader.detect.same import (ALPHA_GRID, ClientTracker, SameDetector, calibrate_threshold, load_detector,
+                                   parse_alpha, select_alpha, synthetic_outliers, train_same)
 from misleader.errors import MisleaderError
 from misleader.models import create_model
 
@@ -105,3 +106,52 @@ def test_train_same_end_to_end_on_digits(tiny_victim, tmp_path, one_thread):
     (out / "mae.safetensors").write_bytes(b"tampered")
     with pytest.raises(MisleaderError, match="sha256"):
         load_detector(out)
+
+
+def test_select_alpha_picks_the_weighting_that_separates_the_outliers():
+    g = torch.Generator().manual_seed(0)
+    b1, b2 = 100 * torch.rand(500, generator=g), torch.rand(500, generator=g)
+    # outliers differ from benign in s2 only (s1 is large noise on both): s2 alone (alpha 0) must win
+    outl = {"a": (100 * torch.rand(300, generator=g), torch.rand(300, generator=g) + 0.5),
+            "b": (100 * torch.rand(300, generator=g), torch.rand(300, generator=g) + 0.3)}
+    sel = select_alpha(benign=(b1, b2), outliers=outl)
+    assert sel["alpha"] == 0.0 and sel["grid"] == list(ALPHA_GRID)
+    assert sel["auroc"]["0.0"]["mean"] > 0.8 > 0.6 > sel["auroc"]["1.0"]["mean"]
+    # and s1 alone when only s1 separates (s2 now the large noise)
+    sel1 = select_alpha(benign=(b2, b1), outliers={"a": (outl["a"][1], outl["a"][0])})
+    assert sel1["alpha"] == 1.0
+    # ties go to the alpha nearest the reference's 0.99
+    tie = select_alpha(benign=(torch.zeros(10), torch.zeros(10)), outliers={"a": (torch.ones(5), torch.ones(5))})
+    assert tie["alpha"] == 0.99
+    with pytest.raises(MisleaderError):
+        select_alpha(benign=(b1, b2), outliers={})
+
+
+def test_synthetic_outliers_are_deterministic_images_in_range():
+    xv = _blobs(50, 0).repeat(1, 1, 2, 2)  # (50, 1, 32, 32) uint8
+    s1, s2 = synthetic_outliers(xv, n=40, seed=1), synthetic_outliers(xv, n=40, seed=1)
+    assert set(s1) == {"generator_a", "dcgan", "gaussian_noise@3", "gaussian_blur@3", "contrast@3", "rotation@3"}
+    for k, v in s1.items():
+        assert v.shape == (40, 1, 32, 32) and v.dtype == torch.float32, k
+        assert float(v.min()) >= 0.0 and float(v.max()) <= 1.0 and torch.equal(v, s2[k]), k
+    assert not torch.equal(synthetic_outliers(xv, n=40, seed=2)["generator_a"], s1["generator_a"])
+
+
+def test_parse_alpha():
+    assert parse_alpha("auto") == "auto" and parse_alpha("0.5") == 0.5 and parse_alpha(1) == 1.0
+    for bad in ("1.5", "x", -0.1):
+        with pytest.raises(MisleaderError, match="alpha"):
+            parse_alpha(bad)
+
+
+def test_train_same_auto_alpha_is_recorded(tiny_victim, tmp_path, one_thread):
+    out = tmp_path / "det"
+    res = train_same(victim=tiny_victim, out=out, device="cpu", preset="tiny", limit=200, select_rows=60)
+    sel = res["alpha_selection"]
+    assert res["alpha"] in ALPHA_GRID and sel["alpha"] == res["alpha"]
+    assert set(sel["auroc"]) == {str(a) for a in ALPHA_GRID} and sel["rows_per_set"]["dcgan"] == 60
+    best = max(r["mean"] for r in sel["auroc"].values())
+    assert sel["auroc"][str(res["alpha"])]["mean"] == best
+    det = load_detector(out)
+    assert det.alpha == res["alpha"] and det.threshold == pytest.approx(res["threshold"])
+    assert res["val_fpr"] <= 0.05

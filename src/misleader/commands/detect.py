@@ -18,9 +18,19 @@ def _budget_of(s: str) -> tuple[str, int]:
     return name.strip(), positive_int(value)
 
 
+def _alpha(s: str) -> float | str:
+    from misleader.detect.same import parse_alpha
+    from misleader.errors import MisleaderError
+
+    try:
+        return parse_alpha(s)
+    except MisleaderError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def add_parser(sub) -> None:  # noqa: ANN001
     from misleader.detect.evaluate import STREAMS
-    from misleader.detect.same import DEFAULT_ALPHA, DEFAULT_FPR, PRESETS
+    from misleader.detect.same import ALPHA_GRID, DEFAULT_ALPHA, DEFAULT_FPR, PRESETS, SELECT_ROWS
 
     p = sub.add_parser("detect", help="extraction-query detectors (SAME)",
                        description="Train and evaluate detectors of model-extraction traffic.")
@@ -39,8 +49,13 @@ def add_parser(sub) -> None:  # noqa: ANN001
     t.add_argument("--out", required=True, help="detector folder")
     t.add_argument("--preset", choices=sorted(PRESETS), default="mnist-cpu",
                    help="mnist-cpu (minutes on 2 cores) or paper (the reference's CIFAR-10 setting, GPU)")
-    t.add_argument("--alpha", type=float, default=DEFAULT_ALPHA,
-                   help=f"weight of the reconstruction term in the score (default {DEFAULT_ALPHA}, the reference's)")
+    t.add_argument("--alpha", type=_alpha, default="auto",
+                   help="weight of the reconstruction term in the score: a number in [0, 1] (the reference's is "
+                        f"{DEFAULT_ALPHA}) or auto (default): the alpha of {list(ALPHA_GRID)} with the best mean "
+                        "validation AUROC against defender-made outliers (random DFME/DCGAN generator images, strong "
+                        "corruptions of validation images); the per-alpha table goes to detector.json")
+    t.add_argument("--select-rows", type=positive_int, default=SELECT_ROWS,
+                   help=f"with --alpha auto: rows per synthetic outlier set (default {SELECT_ROWS})")
     t.add_argument("--fpr", type=positive_float, default=DEFAULT_FPR, help="target false-positive rate (default 0.05)")
     t.add_argument("--mae-epochs", type=positive_int, default=None, help="override the preset's MAE epochs")
     t.add_argument("--aux-epochs", type=positive_int, default=None, help="override the preset's aux epochs")
@@ -73,8 +88,13 @@ def run_train(args: argparse.Namespace) -> int:
 
     res = train_same(victim=args.victim, out=args.out, data_dir=args.data_dir, seed=args.seed, device=args.device,
                      preset=args.preset, alpha=args.alpha, target_fpr=args.fpr, mae_epochs=args.mae_epochs,
-                     aux_epochs=args.aux_epochs, loss=args.loss, limit=args.limit, force=args.force)
-    print(json.dumps({k: res[k] for k in ("threshold", "target_fpr", "val_fpr", "alpha", "seconds")}, indent=2))
+                     aux_epochs=args.aux_epochs, loss=args.loss, limit=args.limit, select_rows=args.select_rows,
+                     force=args.force)
+    shown = {k: res[k] for k in ("threshold", "target_fpr", "val_fpr", "alpha", "seconds")}
+    if res.get("alpha_selection"):
+        table = res["alpha_selection"]["auroc"]
+        shown["validation_auroc_by_alpha"] = {a: round(r["mean"], 4) for a, r in table.items()}
+    print(json.dumps(shown, indent=2))
     return 0
 
 

@@ -46,8 +46,9 @@ STREAMS: dict[str, dict[str, Any]] = {
 }
 
 
-#: weightings of the score's two terms reported next to the detector's own (diagnostic, never used to choose)
-ALPHA_SWEEP = (0.0, 0.1, 0.5, 0.9, 0.99, 1.0)
+#: weightings of the score's two terms reported next to the detector's own (diagnostic, never used to choose;
+#: the detector's alpha is fixed or selected on defender data before any attack is seen)
+ALPHA_SWEEP = (0.0, 0.01, 0.1, 0.5, 0.9, 0.99, 1.0)
 
 
 # --------------------------------------------------------------------------- metrics
@@ -154,6 +155,7 @@ def record_stream(name: str, *, target: str | Path, budget: int, data_dir: str |
     with forked_rng(gen, torch.device("cpu")):
         clone = create_model("lenet5", in_channels=shape[0], num_classes=int(meta["num_classes"]),
                              mean=[0.5] * shape[0], std=[0.5] * shape[0])
+    attack.adapt_to_target(dict(parsed.public_meta()))  # as the harness does (e.g. DFME's pixel mapping)
     oracle, acct = open_accounted(target, output=LABEL_MODES[labels], budget=budget, device=dev)
     keep = None
     if sample is not None and sample < budget:
