@@ -246,10 +246,10 @@ def test_store_v1_is_migrated_on_each_engine(db_url):
     from misleader.serving.store import SCHEMA_VERSION, Store
 
     s = Store(db_url)
-    cur = s._conn().cursor()
     for sql in ("ALTER TABLE queries DROP COLUMN flagged_rows", "DROP TABLE detector_stats",
                 "UPDATE meta SET v = '1' WHERE k = 'schema_version'"):
-        cur.execute(sql)
+        with s._tx() as cur:
+            cur.execute(sql)
     s.close()
     s = Store(db_url)
     try:
@@ -258,3 +258,30 @@ def test_store_v1_is_migrated_on_each_engine(db_url):
         assert s.last_queries(1)[0]["flagged_rows"] == 3 and s.detector_stats() == {}
     finally:
         s.close()
+
+
+def test_store_connections_are_pooled_not_leaked_per_thread(db_url):
+    """Many short-lived threads (the server's retired thread-pool workers) must not each keep a connection."""
+    import threading
+
+    from misleader.serving.store import Store
+
+    s = Store(db_url)
+    try:
+        k = s.add_key(name="pool", key_hash="h" * 64, budget=10_000)
+        threads = [threading.Thread(target=lambda: s.commit(s.reserve(k.id, 1), log_row={"key_id": k.id,
+                                                                                          "status": 200}))
+                   for _ in range(60)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert s.get_key(k.id).used == 60
+        assert s.open_connections() <= s.max_idle
+        # a refused reservation is rolled back and its connection reused, not closed
+        with pytest.raises(Exception, match="budget"):
+            s.reserve(k.id, 20_000)
+        assert 1 <= s.open_connections() <= s.max_idle
+    finally:
+        s.close()
+    assert s.open_connections() == 0

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
+import time
 from abc import ABC, abstractmethod
 from typing import Any, Callable, Sequence
 
@@ -95,7 +97,7 @@ class LocalExecutor(Executor):
         running: dict[Any, Any] = {}
         level = logging.getLogger().getEffectiveLevel()
         with ProcessPoolExecutor(max_workers=self.jobs, mp_context=mp.get_context("spawn"),
-                                 initializer=_init_worker, initargs=(level,)) as pool:
+                                 initializer=_init_worker, initargs=(level, os.getpid())) as pool:
             try:
                 while pending or running:
                     still: list[Any] = []
@@ -135,11 +137,32 @@ class LocalExecutor(Executor):
                 raise
 
 
-def _init_worker(level: int) -> None:
+def _init_worker(level: int, parent: int | None = None) -> None:
     from misleader.utils import set_quiet
 
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     set_quiet(True)  # several bars from several processes would interleave
+    if parent is not None:
+        exit_when_orphaned(parent=parent)
+
+
+def exit_when_orphaned(*, parent: int, interval: float = 1.0) -> threading.Thread:
+    """Watch (daemon thread) for the runner's death and end this worker process at once.
+
+    A pool worker whose runner was killed (``kill``, a closed terminal, an OOM kill) would otherwise go on
+    with its stage and finish it into the output folder unobserved, racing the next ``misleader run`` that
+    resumes the same folder. Its unfinished work stays in a ``.partial`` folder, which the next run redoes.
+    """
+    def watch() -> None:
+        while True:
+            if os.getppid() != parent:
+                logging.getLogger(__name__).error("the runner (pid %d) is gone: this worker stops", parent)
+                os._exit(3)
+            time.sleep(interval)
+
+    thread = threading.Thread(target=watch, name="exit-when-orphaned", daemon=True)
+    thread.start()
+    return thread
 
 
 class RayExecutor(Executor):

@@ -16,6 +16,7 @@ not import Ray.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import time
 from typing import Any, Callable
@@ -26,6 +27,15 @@ log = logging.getLogger(__name__)
 
 #: the Serve application's name (one gateway per Ray cluster)
 APP_NAME = "misleader-gateway"
+
+#: requests one replica accepts at once (Ray Serve's default, 5, makes its proxy refuse a 32-client load with
+#: 503s although the gateway's handler is asynchronous and its store calls run on a thread pool)
+MAX_ONGOING_REQUESTS = 64
+
+#: Ray Serve's proxy checks, loosened for small machines: with its defaults (5 s to become ready, 3 failed
+#: checks) the HTTP proxy of a 2-core machine under load is killed and restarted forever before it has
+#: imported its web stack, and the gateway never answers. A value already in the environment wins.
+PROXY_CHECK_ENV = {"RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "120", "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "60"}
 
 
 def _import_serve() -> tuple[Any, Any]:
@@ -62,7 +72,7 @@ def deployment(*, build_app: Callable[[], Any], replicas: int, cpus_per_replica:
             return self._builder()
 
     cls = serve.ingress()(GatewayReplica)
-    dep = serve.deployment(cls, name="gateway", num_replicas=replicas,
+    dep = serve.deployment(cls, name="gateway", num_replicas=replicas, max_ongoing_requests=MAX_ONGOING_REQUESTS,
                            ray_actor_options={"num_cpus": float(cpus_per_replica)})
     return dep.bind(build_app)
 
@@ -75,6 +85,8 @@ def run(*, build_app: Callable[[], Any], replicas: int, host: str, port: int, ad
     """
     ray, serve = _import_serve()
     app = deployment(build_app=build_app, replicas=replicas, cpus_per_replica=cpus_per_replica)
+    for key, value in PROXY_CHECK_ENV.items():  # read by Serve's controller, a process the local Ray starts
+        os.environ.setdefault(key, value)
     if not ray.is_initialized():
         ray.init(address=address, include_dashboard=False, log_to_driver=False,
                  **({} if address else {"num_cpus": max(replicas * cpus_per_replica, 1.0) + 1}))
@@ -100,4 +112,4 @@ def run(*, build_app: Callable[[], Any], replicas: int, host: str, port: int, ad
         ray.shutdown()
 
 
-__all__ = ["APP_NAME", "deployment", "run"]
+__all__ = ["APP_NAME", "MAX_ONGOING_REQUESTS", "PROXY_CHECK_ENV", "deployment", "run"]

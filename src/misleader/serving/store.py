@@ -101,11 +101,18 @@ class BudgetExceeded(MisleaderError):
 
 
 class Store:
-    """The store over a DB-API connection factory; one connection per thread.
+    """The store over a DB-API connection factory and a small pool of connections (see :meth:`_borrow`).
 
     Args:
         url: ``sqlite:///PATH``, a plain file path (SQLite), or ``postgresql://...``.
     """
+
+    #: most connections open at once (PostgreSQL's default ``max_connections`` is 100, shared by replicas)
+    max_open: int = 32
+    #: idle connections kept for reuse
+    max_idle: int = 8
+    #: seconds a store call waits for a free connection before it fails
+    wait_s: float = 60.0
 
     def __init__(self, url: str | Path) -> None:
         url = str(url)
@@ -117,10 +124,13 @@ class Store:
                 raise MisleaderError(f"--db {url!r}: use a file path, sqlite:///PATH or postgresql://...")
             self.path = Path(path)
             self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._local = threading.local()
+        self._local = threading.local()  # per-thread scratch (a commit's remaining budget), no connections
         self._last_expiry = 0.0
-        self._conns: list[Any] = []
+        self._idle: list[Any] = []
+        self._in_use = 0
+        self._closed = False
         self._lock = threading.Lock()
+        self._slots = threading.BoundedSemaphore(self.max_open)
         self._init_schema()
 
     # ------------------------------------------------------------------ connections
@@ -148,25 +158,61 @@ class Store:
         head, at, tail = self.url.rpartition("@")
         return f"postgresql://***@{tail}" if at else self.url
 
-    def _conn(self) -> Any:
-        conn = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = self._connect()
-            self._local.conn = conn
+    @contextmanager
+    def _borrow(self) -> Iterator[Any]:
+        """A connection of the pool for one statement or transaction; returned afterwards.
+
+        The server runs its store calls on a thread pool whose idle threads are retired and replaced, so a
+        connection per *thread* would leak one open connection per retired thread (PostgreSQL then refuses
+        new clients: "too many clients already"). The pool instead keeps at most :attr:`max_idle` idle
+        connections and opens at most :attr:`max_open` at once (a caller beyond it waits up to
+        :attr:`wait_s` seconds). A connection whose driver raised (or that was interrupted) is closed, not
+        returned; after the store's own errors (a refused reservation, rolled back) it is reused.
+        """
+        if not self._slots.acquire(timeout=self.wait_s):
+            raise MisleaderError(f"store {self._safe_url()}: all {self.max_open} connections busy for "
+                                 f"{self.wait_s:.0f}s: the server is overloaded")
+        try:
             with self._lock:
-                self._conns.append(conn)
-        return conn
+                conn = self._idle.pop() if self._idle else None
+                self._in_use += 1
+            try:
+                if conn is None:
+                    conn = self._connect()
+            except BaseException:
+                with self._lock:
+                    self._in_use -= 1
+                raise
+            ok = False
+            try:
+                yield conn
+                ok = True
+            except BaseException as exc:
+                ok = not _is_db_error(exc)  # e.g. a refused reservation (rolled back): the connection is fine
+                raise
+            finally:
+                with self._lock:
+                    self._in_use -= 1
+                    keep = ok and not self._closed and len(self._idle) < self.max_idle
+                    if keep:
+                        self._idle.append(conn)
+                if not keep:
+                    _close_quietly(conn)
+        finally:
+            self._slots.release()
 
     def close(self) -> None:
-        """Close every connection this store opened."""
+        """Close the pool's idle connections (those in use are closed when they come back)."""
         with self._lock:
-            for c in self._conns:
-                try:
-                    c.close()
-                except Exception:  # noqa: BLE001 - closing on shutdown, nothing to do
-                    pass
-            self._conns.clear()
-        self._local = threading.local()
+            self._closed = True
+            idle, self._idle = self._idle, []
+        for c in idle:
+            _close_quietly(c)
+
+    def open_connections(self) -> int:
+        """Connections currently open by this store (idle + in use); for tests and the metrics."""
+        with self._lock:
+            return len(self._idle) + self._in_use
 
     def _sql(self, sql: str) -> str:
         return sql.replace("?", "%s") if self.postgres else sql
@@ -174,24 +220,25 @@ class Store:
     @contextmanager
     def _tx(self) -> Iterator[Any]:
         """One write transaction (SQLite: ``BEGIN IMMEDIATE``, the writer lock taken up front)."""
-        conn = self._conn()
-        cur = conn.cursor()
-        cur.execute("BEGIN" if self.postgres else "BEGIN IMMEDIATE")
-        try:
-            yield cur
-        except BaseException:
-            cur.execute("ROLLBACK")
-            raise
-        cur.execute("COMMIT")
+        with self._borrow() as conn:
+            cur = conn.cursor()
+            cur.execute("BEGIN" if self.postgres else "BEGIN IMMEDIATE")
+            try:
+                yield cur
+            except BaseException:
+                cur.execute("ROLLBACK")  # the connection goes back clean (if this fails, it is closed)
+                raise
+            cur.execute("COMMIT")
 
     def _exec(self, cur: Any, sql: str, params: tuple = ()) -> Any:
         cur.execute(self._sql(sql), params)
         return cur
 
     def _query(self, sql: str, params: tuple = ()) -> list[tuple]:
-        cur = self._conn().cursor()
-        cur.execute(self._sql(sql), params)
-        return [tuple(r) for r in cur.fetchall()]
+        with self._borrow() as conn:
+            cur = conn.cursor()
+            cur.execute(self._sql(sql), params)
+            return [tuple(r) for r in cur.fetchall()]
 
     def _init_schema(self) -> None:
         serial = "BIGSERIAL PRIMARY KEY" if self.postgres else "INTEGER PRIMARY KEY AUTOINCREMENT"
@@ -405,6 +452,21 @@ class Store:
 
     def pending_reservations(self) -> int:
         return int(self._query("SELECT COUNT(*) FROM reservations")[0][0])
+
+
+def _is_db_error(exc: BaseException) -> bool:
+    """An error of the database driver (the connection may be broken), as opposed to the store's own errors."""
+    if isinstance(exc, sqlite3.Error):
+        return True
+    module = type(exc).__module__ or ""
+    return module.startswith("psycopg") or not isinstance(exc, Exception)
+
+
+def _close_quietly(conn: Any) -> None:
+    try:
+        conn.close()
+    except Exception:  # noqa: BLE001 - a broken connection is dropped either way
+        pass
 
 
 def default_db(folder: str | Path) -> str:
