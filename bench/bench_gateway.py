@@ -422,6 +422,8 @@ def main() -> None:
     ap.add_argument("--ray-replicas", type=int, default=None, metavar="N",
                     help="serve under Ray Serve with N replicas sharing the PostgreSQL store (needs --pg; the "
                          "SQLite and kill phases are skipped)")
+    ap.add_argument("--stores", choices=["all", "sqlite", "postgresql"], default="all",
+                    help="which stores to measure (postgresql needs --pg); 'all': SQLite, and PostgreSQL with --pg")
     ap.add_argument("--out", default="bench/results/gateway.json")
     args = ap.parse_args()
     args.kill = args.kill or args.kill_only
@@ -459,9 +461,11 @@ def main() -> None:
         START_WAIT_S = 600.0
         args.kill = args.kill_only = False
         result["ray_replicas"] = args.ray_replicas
-    else:
+    elif args.stores in ("all", "sqlite"):
         result["stores"]["sqlite"] = bench_store(folder, str(tmp / "g.sqlite3"), args, shape)
-    if args.pg:
+    if args.stores == "postgresql" and not args.pg:
+        raise SystemExit("--stores postgresql needs --pg URL (or $MISLEADER_TEST_PG)")
+    if args.pg and args.stores in ("all", "postgresql"):
         import psycopg
 
         schema = "bench_" + secrets.token_hex(4)
