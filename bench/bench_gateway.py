@@ -427,6 +427,8 @@ def main() -> None:
     ap.add_argument("--out", default="bench/results/gateway.json")
     args = ap.parse_args()
     args.kill = args.kill or args.kill_only
+    if args.stores == "postgresql" and not args.pg:
+        raise SystemExit("--stores postgresql needs --pg URL (or $MISLEADER_TEST_PG)")
     torch.set_num_threads(1)
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_gateway_"))
@@ -463,8 +465,6 @@ def main() -> None:
         result["ray_replicas"] = args.ray_replicas
     elif args.stores in ("all", "sqlite"):
         result["stores"]["sqlite"] = bench_store(folder, str(tmp / "g.sqlite3"), args, shape)
-    if args.stores == "postgresql" and not args.pg:
-        raise SystemExit("--stores postgresql needs --pg URL (or $MISLEADER_TEST_PG)")
     if args.pg and args.stores in ("all", "postgresql"):
         import psycopg
 

@@ -124,7 +124,6 @@ class Store:
                 raise MisleaderError(f"--db {url!r}: use a file path, sqlite:///PATH or postgresql://...")
             self.path = Path(path)
             self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._local = threading.local()  # per-thread scratch (a commit's remaining budget), no connections
         self._last_expiry = 0.0
         self._idle: list[Any] = []
         self._in_use = 0
@@ -173,16 +172,7 @@ class Store:
             raise MisleaderError(f"store {self._safe_url()}: all {self.max_open} connections busy for "
                                  f"{self.wait_s:.0f}s: the server is overloaded")
         try:
-            with self._lock:
-                conn = self._idle.pop() if self._idle else None
-                self._in_use += 1
-            try:
-                if conn is None:
-                    conn = self._connect()
-            except BaseException:
-                with self._lock:
-                    self._in_use -= 1
-                raise
+            conn = self._checkout()
             ok = False
             try:
                 yield conn
@@ -191,15 +181,27 @@ class Store:
                 ok = not _is_db_error(exc)  # e.g. a refused reservation (rolled back): the connection is fine
                 raise
             finally:
-                with self._lock:
-                    self._in_use -= 1
-                    keep = ok and not self._closed and len(self._idle) < self.max_idle
-                    if keep:
-                        self._idle.append(conn)
-                if not keep:
-                    _close_quietly(conn)
+                self._checkin(conn, keep=ok)
         finally:
             self._slots.release()
+
+    def _checkout(self) -> Any:
+        with self._lock:
+            conn = self._idle.pop() if self._idle else None
+        if conn is None:
+            conn = self._connect()
+        with self._lock:
+            self._in_use += 1
+        return conn
+
+    def _checkin(self, conn: Any, *, keep: bool) -> None:
+        with self._lock:
+            self._in_use -= 1
+            keep = keep and not self._closed and len(self._idle) < self.max_idle
+            if keep:
+                self._idle.append(conn)
+        if not keep:
+            _close_quietly(conn)
 
     def close(self) -> None:
         """Close the pool's idle connections (those in use are closed when they come back)."""
@@ -338,23 +340,20 @@ class Store:
                                  f"remaining", remaining=remaining)
         return rid
 
-    def _finish(self, cur: Any, rid: str, *, used: bool, answered: int | None = None) -> int | None:
+    def _take(self, cur: Any, rid: str) -> tuple[str, int] | None:
+        """Delete a reservation; its ``(key_id, rows)``, or ``None`` when it is gone (expired and released)."""
         self._exec(cur, "DELETE FROM reservations WHERE id = ? RETURNING key_id, rows_n", (rid,))
         row = cur.fetchone()
-        if row is None:
+        return None if row is None else (row[0], int(row[1]))
+
+    def _give_back(self, cur: Any, rid: str) -> int | None:
+        """Release a reservation's rows to its key; how many, or ``None`` when it is gone."""
+        taken = self._take(cur, rid)
+        if taken is None:
             return None
-        key_id, n = row[0], int(row[1])
-        if not used:
-            self._exec(cur, "UPDATE api_keys SET reserved = reserved - ? WHERE id = ?", (n, key_id))
-            return n
-        m = n if answered is None else int(answered)
-        if not 0 <= m <= n:
-            raise ValueError(f"answered rows {m} outside [0, {n}] of the reservation")
-        self._exec(cur, "UPDATE api_keys SET used = used + ?, reserved = reserved - ? WHERE id = ? "
-                        "RETURNING budget, used, reserved", (m, n, key_id))
-        budget, used_, reserved = cur.fetchone()
-        self._local.remaining = None if budget is None else int(budget) - int(used_) - int(reserved)
-        return m
+        key_id, n = taken
+        self._exec(cur, "UPDATE api_keys SET reserved = reserved - ? WHERE id = ?", (n, key_id))
+        return n
 
     def commit(self, rid: str, *, log_row: dict[str, Any], answered: int | None = None,
                scores: tuple[int, float, int] | None = None) -> Committed | None:
@@ -369,12 +368,20 @@ class Store:
             reservation had already expired (its rows were released; the caller must not answer).
         """
         with self._tx() as cur:
-            n = self._finish(cur, rid, used=True, answered=answered)
-            if n is not None:
-                self._log(cur, {**log_row, "rows": n})
-                if scores is not None:
-                    self._add_scores(cur, str(log_row["key_id"]), scores)
-        return None if n is None else Committed(n, self._local.remaining)  # this thread's commit
+            taken = self._take(cur, rid)
+            if taken is None:
+                return None
+            key_id, n = taken
+            m = n if answered is None else int(answered)
+            if not 0 <= m <= n:
+                raise ValueError(f"answered rows {m} outside [0, {n}] of the reservation")
+            self._exec(cur, "UPDATE api_keys SET used = used + ?, reserved = reserved - ? WHERE id = ? "
+                            "RETURNING budget, used, reserved", (m, n, key_id))
+            budget, used, reserved = cur.fetchone()
+            self._log(cur, {**log_row, "rows": m})
+            if scores is not None:
+                self._add_scores(cur, str(log_row["key_id"]), scores)
+        return Committed(m, None if budget is None else int(budget) - int(used) - int(reserved))
 
     def _add_scores(self, cur: Any, key_id: str, scores: tuple[int, float, int]) -> None:
         rows, total, flagged = int(scores[0]), float(scores[1]), int(scores[2])
@@ -395,7 +402,7 @@ class Store:
     def release(self, rid: str, *, log_row: dict[str, Any] | None = None) -> None:
         """Give a reservation's rows back (the model failed; nothing was answered)."""
         with self._tx() as cur:
-            self._finish(cur, rid, used=False)
+            self._give_back(cur, rid)
             if log_row is not None:
                 self._log(cur, log_row)
 
@@ -406,7 +413,7 @@ class Store:
         rows = self._query("SELECT id FROM reservations WHERE expires < ?", (now,))
         for (rid,) in rows:
             with self._tx() as cur:
-                if self._finish(cur, rid, used=False) is not None:
+                if self._give_back(cur, rid) is not None:
                     done += 1
         if done:
             log.warning("released %d reservation(s) left past their timeout", done)
