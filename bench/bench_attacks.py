@@ -39,6 +39,7 @@ CONFIGS: dict[str, dict] = {
     "dfme": {"budget": 20_000, "labels": "soft", "options": {}},
     "dfme-ngf32": {"attack": "dfme", "budget": 20_000, "labels": "soft", "options": {"preset": "small", "ngf": 32}},
     "dfme-bf16": {"attack": "dfme", "budget": 20_000, "labels": "soft", "options": {"cpu_bf16": True}},
+    "dfme-small-fast": {"attack": "dfme", "budget": 20_000, "labels": "soft", "options": {"preset": "small-fast"}},
     "dfms-hl": {"budget": 30_000, "labels": "hard", "options": {"preset": "cpu"}},
 }
 

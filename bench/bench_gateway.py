@@ -424,8 +424,12 @@ def main() -> None:
                          "SQLite and kill phases are skipped)")
     ap.add_argument("--stores", choices=["all", "sqlite", "postgresql"], default="all",
                     help="which stores to measure (postgresql needs --pg); 'all': SQLite, and PostgreSQL with --pg")
+    ap.add_argument("--server-arg", action="append", default=[], metavar="ARG",
+                    help="extra `misleader serve` argument for every server started (repeatable), "
+                         "e.g. --server-arg=--max-batch-rows --server-arg=0 to answer each request alone")
     ap.add_argument("--out", default="bench/results/gateway.json")
     args = ap.parse_args()
+    SERVER_EXTRA[:] = list(args.server_arg)
     args.kill = args.kill or args.kill_only
     if args.stores == "postgresql" and not args.pg:
         raise SystemExit("--stores postgresql needs --pg URL (or $MISLEADER_TEST_PG)")
@@ -454,12 +458,13 @@ def main() -> None:
         return
     result = {"target": str(folder), "clients": args.clients, "requests": args.requests,
               "requests_per_client": args.requests_per_client, "keys": args.keys, "http_client": args.http_client,
-              "command": " ".join(sys.argv), "load_before": os.getloadavg(), "cpus": os.cpu_count(), "stores": {}}
+              "command": " ".join(sys.argv), "load_before": os.getloadavg(), "cpus": os.cpu_count(),
+              "server_args": list(args.server_arg), "stores": {}}
     if args.ray_replicas:
         global START_WAIT_S
         if not args.pg:
             raise SystemExit("--ray-replicas needs --pg URL (the replicas share a PostgreSQL store)")
-        SERVER_EXTRA[:] = ["--ray", "--replicas", str(args.ray_replicas), "--replica-cpus", "0.5"]
+        SERVER_EXTRA[:] = [*args.server_arg, "--ray", "--replicas", str(args.ray_replicas), "--replica-cpus", "0.5"]
         START_WAIT_S = 600.0
         args.kill = args.kill_only = False
         result["ray_replicas"] = args.ray_replicas

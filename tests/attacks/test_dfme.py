@@ -387,6 +387,19 @@ def test_generator_fast_upsample_is_the_same_function():
 def test_cpu_bf16_option_runs_deterministically_and_changes_the_run():
     a, b = _run(0, cpu_bf16=True), _run(0, cpu_bf16=True)
     assert all(torch.equal(a[k], b[k]) for k in a)
-    c = _run(0)
+    c = _run(0, cpu_bf16=False)
     assert any(not torch.equal(a[k], c[k]) for k in a)
     assert all(v.dtype == c[k].dtype and torch.isfinite(v).all() for k, v in a.items())
+
+
+def test_cpu_bf16_default_follows_the_cpu_and_is_recorded():
+    from misleader.attacks.dfme import cpu_has_bf16
+
+    auto = _run(0)
+    forced = _run(0, cpu_bf16=cpu_has_bf16())
+    assert all(torch.equal(auto[k], forced[k]) for k in auto)
+    res = DFME(**TINY).run(tiny_oracle(600), budget=600, clone=tiny_net(1), generator=torch.Generator().manual_seed(0))
+    assert res.extra["cpu_bf16"] is cpu_has_bf16()
+    res = DFME(**TINY, cpu_bf16=False).run(tiny_oracle(600), budget=600, clone=tiny_net(1),
+                                           generator=torch.Generator().manual_seed(0))
+    assert res.extra["cpu_bf16"] is False

@@ -66,9 +66,27 @@ device (no host synchronisation per step); the attacker's held-out agreement is 
 The generator runs channels-last with ``GeneratorA(fast_upsample=True)`` (each "upsample x2, conv3" as four
 2x2 convolutions of the low-resolution input: the same function with 16/36 of the multiply-adds; its float
 rounding differs from the plain order by ~1e-6, so runs are not bit-identical to the plain order's, but the
-same seed still gives the same run). ``cpu_bf16=True`` (off by default: it changes the numbers) adds bfloat16
-autocast on CPU, about 2x the generator's speed on a CPU with AMX / AVX512-BF16 (issue 10's measurements:
-``bench/results/attacks_dfme_h10_*.json``).
+same seed still gives the same run).
+
+Precision on CPU (``cpu_bf16``): ``None`` (the default, "auto") turns on bfloat16 autocast for the generator's
+forwards and the clone's training forwards when the CPU has native bfloat16 arithmetic (AMX or AVX512-BF16:
+``torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()``), the CPU counterpart of the
+``amp`` default on CUDA; the clone at the probe points stays float32 (differences of size ``epsilon``), as
+with ``amp``. ``True`` / ``False`` force it. Measured against the MNIST LeNet5 victim, default preset, seed 0,
+2 threads, idle 2-core Xeon with AMX (``misleader attack dfme --target V --budget 2000000 --clone-arch
+lenet5``, ``-o cpu_bf16=false`` / ``true``): float32 95.76 % in 763 s, bfloat16 **96.31 % in 389 s** (one
+seed each: the same strength within seed noise, 1.96x the speed; ``bench/results/attacks_dfme_2m_*.json``).
+On a CPU without those instructions bf16 would be slower, so "auto" leaves it off there; the run's
+``extra["cpu_bf16"]`` records what was used. bf16 rounding changes the numbers: the same seed gives the same
+run on the same kind of CPU, not across kinds.
+
+Arithmetic per query (``python bench/dfme_flops.py --target V``, FLOPs of convolutions and matrix products):
+the default preset spends 39.2 MFLOP per paid query (the ngf-32 generator alone is 32.2 MFLOP per image,
+39x a LeNet5 forward) against 0.83 MFLOP per answered oracle row, so at equal FLOP rates DFME could reach at
+most 2.1 % of the oracle's rows/s; it reaches 4.3 % in float32 and 9.7 % in bfloat16 (2 threads, idle,
+``bench/results/attacks_dfme_ratio_idle.json``), because the generator's large convolutions run at a higher
+FLOP rate than LeNet5's small ones. The ``small-fast`` preset (ngf 8: 5.5 MFLOP per query, ceiling 15.2 %)
+reaches 11.5 %.
 
 Deviations from the reference code:
     * Our oracles and models take [0, 1] images and normalise inside, so the generator's tanh image
@@ -319,10 +337,10 @@ class DFMEConfig:
     image_center: tuple[float, ...] | None = None
     image_scale: tuple[float, ...] | None = None
     amp: bool = True
-    #: ``True``: bfloat16 autocast on CPU as well (the generator's forwards and the clone's training forwards;
-    #: the clone at the probe points stays float32, as with ``amp`` on CUDA). About 2x the generator's speed on
-    #: a CPU with AVX512-BF16/AMX, slower without; bf16 rounding changes the run, so it is off by default
-    cpu_bf16: bool = False
+    #: bfloat16 autocast on CPU (the generator's forwards and the clone's training forwards; the clone at the
+    #: probe points stays float32, as with ``amp`` on CUDA): ``None`` = auto, on where the CPU has AMX or
+    #: AVX512-BF16 (:func:`cpu_has_bf16`); ``True``/``False`` force it. See "Precision on CPU" above
+    cpu_bf16: bool | None = None
     #: ``True``: each iteration's clone batches and the next iteration's probes share one oracle call (same
     #: queries, fewer calls); ``False``: one call per clone batch, asked while the clone is in train mode and
     #: trained on the very tensor asked (what adaptive variants that edit clone batches hook into)
@@ -377,6 +395,15 @@ PRESETS: dict[str, DFMEConfig] = {
     "misleader-authors": DFMEConfig(batch_size=2048, lr_generator=1e-5, logit_recovery="authors_log_softmax"),
 }
 PRESETS["cpu"] = PRESETS["small"]
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU has native bfloat16 arithmetic (AMX tiles or AVX512-BF16), where autocast pays off."""
+    cpu = getattr(torch, "cpu", None)
+    try:
+        return bool(cpu._is_amx_tile_supported() or cpu._is_avx512_bf16_supported())  # type: ignore[union-attr]
+    except (AttributeError, RuntimeError):  # an older or newer torch without these probes: stay in float32
+        return False
 
 
 def _milestone_factor(step: int, total: int, milestones: tuple[float, ...], gamma: float) -> float:
@@ -523,9 +550,11 @@ class DFME(Attack):
         center_t = torch.tensor(center, device=dev).view(1, c, 1, 1)
         scale_t = torch.tensor(scale, device=dev).view(1, c, 1, 1)
 
+        use_bf16 = dev.type == "cpu" and (cpu_has_bf16() if cfg.cpu_bf16 is None else cfg.cpu_bf16)
+
         def mixed() -> Any:
             """The mixed-precision context of the generator and the clone's training forwards."""
-            if dev.type == "cpu" and cfg.cpu_bf16:
+            if use_bf16:
                 return torch.autocast("cpu", dtype=torch.bfloat16)
             return autocast(dev, cfg.amp)
 
@@ -637,5 +666,6 @@ class DFME(Attack):
             extra={"iterations": iterations, "cost_per_iteration": cost, "unused_queries": budget - spent,
                    "loss_clone": float(loss_c), "loss_generator": float(loss_g), "preset": self.preset,
                    "image_center": center, "image_scale": scale, "image_source": image_how,
+                   "cpu_bf16": use_bf16,
                    "heldout_agreement": float(final_hits) / final_seen if final_seen else None},
         )

@@ -54,6 +54,9 @@ def add_parser(sub) -> None:  # noqa: ANN001
                    help="join this Ray cluster (with --ray; default $RAY_ADDRESS, else a local Ray instance)")
     p.add_argument("--reservation-timeout", type=float, default=None, metavar="SECONDS",
                    help="release a reservation whose request has not finished after this long (default 120)")
+    p.add_argument("--max-batch-rows", type=int, default=256, metavar="N",
+                   help="answer concurrent requests together, in forward passes of at most N rows "
+                        "(default 256; 0: one pass per request)")
     p.add_argument("--log-level", default="warning", help="uvicorn log level (default warning)")
     p.set_defaults(func=run)
 
@@ -108,7 +111,7 @@ def build(args: argparse.Namespace):  # noqa: ANN201 - (FastAPI app, Store, db u
     db = args.db or default_db(args.folder)
     store = Store(db)
     cfg = GatewayConfig(output=args.output, device=args.device, max_rows=args.max_rows, pow=pow_policy,
-                        detector=detector)
+                        detector=detector, max_batch_rows=max(0, args.max_batch_rows))
     secret = pow_secret(args.pow_secret_file)
     if args.reservation_timeout is not None:
         cfg.reservation_timeout = args.reservation_timeout
