@@ -2,7 +2,8 @@
 Welch t-tests against the undefended cell and against MISLEADER (the numbers of RESULTS.md's grid tables).
 
 Usage:
-    python bench/welch_table.py runs/grid [--attacks knockoff-soft,dfme,dfms-hl]
+    python bench/welch_table.py runs/grid [--attacks knockoff-soft@10k,dfme@200k,dfms-hl@100k]
+Cells are keyed ``LABEL@BUDGET`` (one spec's label can run at several budgets, or two specs share a label).
 Reads each run's ``config.yaml`` (its ``meta``) and ``result.json``; nothing is recomputed. Needs SciPy.
 """
 
@@ -22,13 +23,22 @@ def _finished(stage: Path) -> list[Path]:
     return sorted(f for f in stage.glob("*/result.json") if not f.parent.name.startswith("."))
 
 
+def _short(n: int) -> str:
+    """200000 -> '200k', 2000000 -> '2M' (the specs' own spelling)."""
+    for unit, div in (("M", 1_000_000), ("k", 1_000)):
+        if n % div == 0:
+            return f"{n // div}{unit}"
+    return str(n)
+
+
 def cells(folder: Path) -> tuple[dict, dict]:
     """``{(attack_label, defense_label): {seed: clone_accuracy}}`` and ``{defense_label: result}``."""
     runs: dict[tuple[str, str], dict[int, float]] = {}
     defenses: dict[str, dict] = {}
     for f in _finished(folder / "attacks"):
         meta = yaml.safe_load((f.parent / "config.yaml").read_text())["meta"]
-        runs.setdefault((meta["attack_label"], meta["defense_label"]), {})[meta["seed"]] = (
+        budget = int(yaml.safe_load((f.parent / "config.yaml").read_text())["config"]["budget"])
+        runs.setdefault((f"{meta['attack_label']}@{_short(budget)}", meta["defense_label"]), {})[meta["seed"]] = (
             json.loads(f.read_text())["clone_accuracy"])
     for f in _finished(folder / "defenses"):
         meta = yaml.safe_load((f.parent / "config.yaml").read_text())["meta"]

@@ -68,17 +68,20 @@ The generator runs channels-last with ``GeneratorA(fast_upsample=True)`` (each "
 rounding differs from the plain order by ~1e-6, so runs are not bit-identical to the plain order's, but the
 same seed still gives the same run).
 
-Precision on CPU (``cpu_bf16``): ``None`` (the default, "auto") turns on bfloat16 autocast for the generator's
-forwards and the clone's training forwards when the CPU has native bfloat16 arithmetic (AMX or AVX512-BF16:
-``torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()``), the CPU counterpart of the
-``amp`` default on CUDA; the clone at the probe points stays float32 (differences of size ``epsilon``), as
-with ``amp``. ``True`` / ``False`` force it. Measured against the MNIST LeNet5 victim, default preset, seed 0,
-2 threads, idle 2-core Xeon with AMX (``misleader attack dfme --target V --budget 2000000 --clone-arch
-lenet5``, ``-o cpu_bf16=false`` / ``true``): float32 95.76 % in 763 s, bfloat16 **96.31 % in 389 s** (one
-seed each: the same strength within seed noise, 1.96x the speed; ``bench/results/attacks_dfme_2m_*.json``).
-On a CPU without those instructions bf16 would be slower, so "auto" leaves it off there; the run's
-``extra["cpu_bf16"]`` records what was used. bf16 rounding changes the numbers: the same seed gives the same
-run on the same kind of CPU, not across kinds.
+Precision on CPU (``cpu_bf16``): ``None`` (the default, "auto") runs the *generator's* forwards (and so its
+backward) under bfloat16 autocast when the CPU has native bfloat16 arithmetic (AMX or AVX512-BF16:
+``torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()``); the generator is 39x a
+LeNet5 clone's arithmetic per image, so that is most of the attack's time. The clone learns in float32 and is
+evaluated at the probe points in float32 (differences of size ``epsilon``); its weights, the generator's
+weights and optimiser state stay float32. ``True`` / ``False`` force it. On a CPU without those instructions
+bf16 would be slower, so "auto" leaves it off there; the run's ``extra["cpu_bf16"]`` records what was used.
+bf16 rounding changes the numbers: the same seed gives the same run on the same kind of CPU, not across kinds.
+Measured (MNIST LeNet5 victim, default preset, seed 0, idle 2-core Xeon with AMX, ``misleader attack dfme
+--target V --budget 2000000 --clone-arch lenet5``): float32 95.76 % in 763 s; bf16 for the generator *and*
+the clone's training forwards (the first version of this option) 96.31 % in 389 s
+(``bench/results/attacks_dfme_2m_*.json``). At 500k, 1 thread on a loaded machine: float32 92.09 %, that
+bf16-everywhere version 89.10 % (one seed each). Not knowing whether those 3 points were seed noise, the
+default keeps the clone in float32; see ``bench/results/attacks_dfme_precision.json`` for this version's runs.
 
 Arithmetic per query (``python bench/dfme_flops.py --target V``, FLOPs of convolutions and matrix products):
 the default preset spends 39.2 MFLOP per paid query (the ngf-32 generator alone is 32.2 MFLOP per image,
@@ -552,9 +555,10 @@ class DFME(Attack):
 
         use_bf16 = dev.type == "cpu" and (cpu_has_bf16() if cfg.cpu_bf16 is None else cfg.cpu_bf16)
 
-        def mixed() -> Any:
-            """The mixed-precision context of the generator and the clone's training forwards."""
-            if use_bf16:
+        def mixed(*, generator: bool = False) -> Any:
+            """The mixed-precision context of the generator's forwards (``generator=True``: bf16 on a CPU with
+            ``use_bf16``) and of the clone's training forwards (AMP on CUDA only: on CPU the clone learns in float32)."""
+            if generator and use_bf16:
                 return torch.autocast("cpu", dtype=torch.bfloat16)
             return autocast(dev, cfg.amp)
 
@@ -567,7 +571,7 @@ class DFME(Attack):
 
         def new_probes() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
             """A generator batch (pre-tanh, with its graph), its probe points as queries and directions."""
-            with mixed():
+            with mixed(generator=True):
                 x_pre = netg(sample_z(cfg.batch_size), pre_x=True)
             x_pre = x_pre.float()
             points, u = probe_points(x_pre, m=cfg.grad_m, epsilon=cfg.grad_epsilon, generator=gen_dev)
@@ -610,7 +614,7 @@ class DFME(Attack):
                 opt_g.step()
                 loss_g = loss_at_x.mean().detach()
             # (2) one oracle call: the clone's fresh generated batches (+ the next iteration's probes)
-            with torch.no_grad(), mixed():
+            with torch.no_grad(), mixed(generator=True):
                 x_clone = torch.cat([to_image(netg(sample_z(cfg.batch_size)).float()) for _ in range(cfg.d_iter)]
                                     or [torch.empty(0, c, h, w, device=dev)])
             last = it == iterations - 1
