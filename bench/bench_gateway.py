@@ -228,7 +228,18 @@ def make_keys(db: str, n: int, budget: int | None, tag: str) -> dict[str, str]:
         s.close()
 
 
-def in_process_rows_per_s(folder: Path, *, rows: int, batches: int, shape: tuple[int, ...]) -> float:
+def in_process_rows_per_s(folder: Path, *, rows: int, batches: int, shape: tuple[int, ...],
+                          threads: int = 1) -> float:
+    """Rows/s of the served model called in this process, ``rows`` per call, with ``threads`` torch threads."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return _in_process(folder, rows=rows, batches=batches, shape=shape)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _in_process(folder: Path, *, rows: int, batches: int, shape: tuple[int, ...]) -> float:
     from misleader.serving.model import ServedModel
 
     m = ServedModel(folder, output="probs", device="cpu")
@@ -353,10 +364,14 @@ def bench_store(folder: Path, db: str, args: argparse.Namespace, shape: tuple[in
                                  http_client=args.http_client))
         local_after = in_process_rows_per_s(folder, rows=64, batches=n_req, shape=shape)
         local = (local_before + local_after) / 2
+        # the same with every core's torch threads: the baseline for a server of several processes (--workers)
+        local_all = in_process_rows_per_s(folder, rows=64, batches=n_req, shape=shape, threads=os.cpu_count() or 1)
         out["throughput_64"] = {"clients": tclients, "requests": n_req, "http_client": args.http_client,
                                 "http_rows_per_s": res64["rows_per_s"], "in_process_rows_per_s": local,
                                 "in_process_before_after": [local_before, local_after],
                                 "ratio": res64["rows_per_s"] / local, "p50_ms": res64["p50_ms"],
+                                "in_process_rows_per_s_all_threads": local_all,
+                                "ratio_to_all_threads": res64["rows_per_s"] / local_all,
                                 "p99_ms": res64["p99_ms"], "statuses": res64["statuses"], "errors": res64["errors"],
                                 "load_before": load0, "load_after": res64["load_after"]}
     except _Skip:

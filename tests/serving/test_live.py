@@ -92,3 +92,43 @@ def test_http_oracle_solves_pow(make_client, served_model):
     with pytest.raises(QueryBudgetExceeded):
         oracle.query(torch.rand(8, 1, 32, 32))
     assert oracle.pow_bits == 8        # refused before any puzzle was issued
+
+
+def test_two_worker_processes_share_budgets_and_pow_secret(live, tmp_path, served_model):
+    """``--workers 2``: every request on a new connection (so the kernel spreads them, and a PoW challenge and
+    its resent batch often reach different workers); the store keeps the budget exact across the processes,
+    and every challenge is accepted (one secret for both workers)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+
+    from misleader.serving.client import HttpOracle
+
+    db = str(tmp_path / "w.sqlite3")
+    srv = live("--workers", "2", "--pow-bits", "4", db=db)
+    keys = _keys(db, a=50)
+    x = torch.rand(5, 1, 32, 32, generator=torch.Generator().manual_seed(4))
+
+    def client(_: int) -> tuple[int, int]:
+        fresh = httpx.Client(base_url=srv.url, timeout=60, limits=httpx.Limits(max_keepalive_connections=0))
+        oracle = HttpOracle(srv.url, api_key=keys["a"], http=fresh)
+        ok = refused = 0
+        for _ in range(4):
+            try:
+                out = oracle.query(x)
+                assert torch.allclose(out, served_model.predict(x), atol=1e-6)
+                ok += 1
+            except QueryBudgetExceeded:
+                refused += 1
+        oracle.close()
+        return ok, refused
+
+    with ThreadPoolExecutor(6) as pool:
+        results = list(pool.map(client, range(6)))
+    answered = sum(ok for ok, _ in results)
+    assert answered == 10 and sum(r for _, r in results) == 14   # 50 rows = 10 batches of 5, exactly
+    s = Store(db)
+    k = s.get_key("a")
+    assert (k.used, k.reserved) == (50, 0) and s.logged_rows(k.id) == 50
+    assert [q["status"] for q in s.last_queries(100)].count(428) >= 10   # each answered batch paid a puzzle
+    s.close()

@@ -49,6 +49,10 @@ def add_parser(sub) -> None:  # noqa: ANN001
                    help="run under Ray Serve (pip install 'ray[serve]'); several replicas need a shared "
                         "--db postgresql://... store and, with proof-of-work, --pow-secret-file")
     p.add_argument("--replicas", type=positive_int, default=1, help="Ray Serve replicas (with --ray)")
+    p.add_argument("--workers", type=positive_int, default=1,
+                   help="server processes on this machine (uvicorn workers, one model and one store connection "
+                        "pool each; default 1). Budgets stay exact (one store); --rate and /metrics are per "
+                        "process")
     p.add_argument("--replica-cpus", type=float, default=1.0, help="CPUs Ray reserves per replica (with --ray)")
     p.add_argument("--ray-address", default=None,
                    help="join this Ray cluster (with --ray; default $RAY_ADDRESS, else a local Ray instance)")
@@ -141,10 +145,45 @@ def check_ray(args: argparse.Namespace) -> None:
         raise MisleaderError(f"--replica-cpus must be > 0, got {args.replica_cpus}")
 
 
+#: the environment variable that hands the command line's settings to each uvicorn worker process
+WORKER_SETTINGS_ENV = "MISLEADER_SERVE_SETTINGS"
+
+
+def worker_app():  # noqa: ANN201 - the FastAPI app of one uvicorn worker (``--workers N``)
+    """Build the gateway app in a uvicorn worker process from the settings the parent left in the environment."""
+    import json
+
+    return build(argparse.Namespace(**json.loads(os.environ[WORKER_SETTINGS_ENV])))[0]
+
+
+def run_workers(args: argparse.Namespace) -> int:
+    """``--workers N``: N uvicorn processes sharing the listening socket and the store (module docstring)."""
+    import json
+    import secrets
+
+    import uvicorn
+
+    if args.ray:
+        raise MisleaderError("--workers is for one machine without Ray; with --ray use --replicas")
+    _, store, _ = build(args)  # every check of the settings, once, here (each worker builds its own app)
+    print(f"misleader: serving {args.folder} on http://{args.host}:{args.port} with {args.workers} worker "
+          f"processes (store {store._safe_url()})", flush=True)
+    store.close()
+    if (args.pow or args.pow_bits is not None) and pow_secret(args.pow_secret_file) is None:
+        # a challenge issued by one worker is verified by whichever worker gets the resent batch: one secret
+        os.environ["MISLEADER_POW_SECRET"] = secrets.token_hex(32)
+    os.environ[WORKER_SETTINGS_ENV] = json.dumps({**vars(args), "func": None, "workers": 1})
+    uvicorn.run("misleader.commands.serve:worker_app", factory=True, workers=args.workers, host=args.host,
+                port=args.port, log_level=args.log_level)
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     import uvicorn
 
     check_ray(args)
+    if args.workers > 1:
+        return run_workers(args)
     if args.ray:
         import functools
 
