@@ -112,16 +112,18 @@ def test_refuse_policy_refuses_flagged_rows_and_does_not_count_them(make_client,
     client, store = make_client(detector=DetectorPolicy(scorer=MeanScorer(), policy="refuse"))
     key, rec = create_key(store, name="a", budget=8)
     x = _rows(LEVELS)
-    want = served_model.predict(x)
+    # the server runs the model on the answered rows only (a 3-row batch: its float rounding can differ from a
+    # 5-row batch's on some CPUs, so the expectation is the same 3-row forward)
+    want = served_model.predict(x[~FLAGGED])
     r = client.post("/v1/predict", json={"inputs": x.tolist()}, headers=_auth(key))
     body = r.json()
     assert r.status_code == 200 and body["rows"] == 3 and body["refused"] == [1, 3] and body["remaining"] == 5
     assert body["outputs"][1] is None and body["outputs"][3] is None
-    assert torch.equal(torch.tensor([body["outputs"][i] for i in (0, 2, 4)]), want[~FLAGGED])
+    assert torch.equal(torch.tensor([body["outputs"][i] for i in (0, 2, 4)]), want)
     r = client.post("/v1/predict", content=_npy(x), headers={**_auth(key), "Content-Type": "application/x-npy"})
     out = torch.from_numpy(np.load(io.BytesIO(r.content), allow_pickle=False))
     assert r.headers["X-Refused-Rows"] == "2" and r.headers["X-Rows"] == "3"
-    assert out[FLAGGED].isnan().all() and torch.equal(out[~FLAGGED], want[~FLAGGED])
+    assert out[FLAGGED].isnan().all() and torch.equal(out[~FLAGGED], want)
     # 6 rows answered of a budget of 8: a 5-row batch is refused whole (its flagged rows would not count,
     # but the reservation is for every row sent)
     assert store.get_key("a").used == 6 == store.logged_rows(rec.id) and store.get_key("a").reserved == 0
