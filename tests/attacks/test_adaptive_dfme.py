@@ -6,11 +6,14 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 from misleader.attacks import ATTACKS
 from misleader.attacks.dfme import DFME
 from misleader.attacks.dfme_filtered import FilteringDFME
+from misleader.attacks.dfme_relabel import RelabelDFME, best_permutation, relabel_last_layer
 from misleader.attacks.dfme_seeded import SeededDFME, random_shift
 from misleader.errors import MisleaderError
 from misleader.oracle import ModelOracle
@@ -133,3 +136,87 @@ def test_bad_options_are_one_line_errors():
     atk.prepare(pool_x=pool(10))
     with pytest.raises(MisleaderError, match="fewer than seeds"):
         atk.run(oracle(), budget=100, clone=tiny_net(1), generator=torch.Generator())
+
+
+# --------------------------------------------------------------------------- dfme-relabel
+
+def test_random_shift_equals_the_per_image_crop():
+    """The batched gather equals cropping each padded image at its drawn offset (the same draws)."""
+    import torch.nn.functional as F
+
+    x = torch.rand(9, 2, 7, 5)
+    y = random_shift(x, shift=2, generator=torch.Generator().manual_seed(3))
+    off = torch.randint(0, 5, (9, 2), generator=torch.Generator().manual_seed(3))
+    padded = F.pad(x, (2, 2, 2, 2))
+    want = torch.stack([padded[i, :, a:a + 7, b:b + 5] for i, (a, b) in enumerate(off.tolist())])
+    assert torch.equal(y, want)
+
+
+@given(st.integers(1, 6), st.integers(0, 10**6))
+@settings(max_examples=60, deadline=None)
+def test_best_permutation_is_optimal(k, seed):
+    import itertools
+
+    s = torch.rand(k, k, generator=torch.Generator().manual_seed(seed))
+    sigma = best_permutation(s)
+    value = lambda p: sum(float(s[a, p[a]]) for a in range(k))
+    assert sorted(sigma) == list(range(k))
+    assert value(sigma) == pytest.approx(max(value(p) for p in itertools.permutations(range(k))), abs=1e-9)
+
+
+@pytest.mark.parametrize("budget", [32, 100, 333])
+def test_relabel_spends_dfmes_queries_plus_the_real_ones(budget):
+    atk = RelabelDFME(**RelabelDFME.tiny_options())
+    atk.prepare(pool_x=pool(10))
+    o = oracle(budget)
+    res = atk.run(o, budget=budget, clone=tiny_net(1), generator=torch.Generator().manual_seed(0))
+    it = (budget - 4) // atk.cost_per_iteration
+    assert res.queries_used == o.queries_used == it * atk.cost_per_iteration + 4 <= budget
+    assert sorted(res.extra["permutation"]) == list(range(K))
+    with pytest.raises(MisleaderError, match="at least"):
+        atk.run(oracle(), budget=30, clone=tiny_net(1), generator=torch.Generator())
+
+
+def test_relabel_undoes_a_permuted_clone():
+    """A clone that is the victim with its classes permuted (and does not train: d_iter 0) comes back as the victim."""
+    victim = tiny_net(0)
+    clone = tiny_net(0)
+    perm = torch.tensor([2, 0, 4, 1, 3])
+    with torch.no_grad():
+        clone[-1].weight.copy_(victim[-1].weight[perm])
+        clone[-1].bias.copy_(victim[-1].bias[perm])
+    x = torch.rand(200, *SHAPE, generator=torch.Generator().manual_seed(1))
+    assert not torch.allclose(clone(x), victim(x))
+    atk = RelabelDFME(**{**RelabelDFME.tiny_options(), "real": 50, "d_iter": 0})
+    atk.prepare(pool_x=(torch.rand(60, *SHAPE, generator=torch.Generator().manual_seed(2)) * 255).to(torch.uint8))
+    res = atk.run(oracle(None, victim), budget=200, clone=clone, generator=torch.Generator().manual_seed(0))
+    assert res.extra["relabelled"] and res.extra["real_agreement_after"] == 1.0
+    with torch.no_grad():
+        assert torch.allclose(res.clone(x), victim(x), atol=1e-6)
+    # against the clone that already agrees nothing is changed
+    same = tiny_net(0)
+    res = atk.run(oracle(None, victim), budget=200, clone=same, generator=torch.Generator().manual_seed(0))
+    assert not res.extra["relabelled"] and res.extra["permutation"] == list(range(K))
+
+
+def test_relabel_refuses_a_clone_whose_last_linear_is_not_the_output():
+    class Tail(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = tiny_net(0)
+            self.mix = torch.randn(K, K)
+
+        def forward(self, x):
+            return self.net(x) @ self.mix
+
+    with pytest.raises(MisleaderError, match="does not make its logits"):
+        relabel_last_layer(Tail(), [1, 0, 3, 4, 2], check=torch.rand(8, *SHAPE))
+
+
+def test_wrapped_dfme_learns_the_targets_dataset():
+    """The adaptive attacks' inner DFME resolves its preset and image map from the target, like a plain DFME."""
+    meta = {"dataset": "mnist", "input_shape": [1, 28, 28], "num_classes": 10}
+    for cls in (SeededDFME, FilteringDFME, RelabelDFME):
+        atk = cls()
+        atk.adapt_to_target(meta)
+        assert atk._dfme._target["dataset"] == "mnist" and atk.dfme["preset"] == "small"

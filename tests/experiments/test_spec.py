@@ -285,3 +285,16 @@ def test_binary_spec_is_one_line_error(tmp_path: Path, content: bytes) -> None:
 def test_directory_spec_is_one_line_error(tmp_path: Path) -> None:
     with pytest.raises(MisleaderError, match="is a folder"):
         load_spec(tmp_path)
+
+
+def test_an_attack_can_be_limited_to_some_defenses() -> None:
+    """``defenses:`` keeps an attack's runs against the named defenses only, with the ids it has without it."""
+    spec = base()
+    spec["attacks"][2]["defenses"] = ["misleader"]
+    limited = [s for s in expand(parse_spec(spec)) if s.stage == "attack" and s.meta["attack"] == "dfme"]
+    full = [s for s in expand(parse_spec(base())) if s.stage == "attack" and s.meta["attack"] == "dfme"]
+    assert {s.meta["defense_label"] for s in limited} == {"misleader"} and len(limited) == len(full) // 2
+    assert {s.id for s in limited} <= {s.id for s in full}
+    spec["attacks"][2]["defenses"] = ["misleadr"]
+    with pytest.raises(MisleaderError, match=r"attacks\[2\]\.defenses\[0\].*did you mean 'misleader'"):
+        parse_spec(spec)

@@ -626,9 +626,11 @@ class DFME(Attack):
                 probe_target = targets[n_clone:]
                 if last:  # the attacker's last paid batches, kept for preset selection (bench/select_dfme_preset.py)
                     self._last_queries = (x_clone.detach(), targets[:n_clone].argmax(1))
-                batches = zip(x_clone.split(cfg.batch_size), targets[:n_clone].split(cfg.batch_size))
+                # (an empty split is still one empty batch: a weight-decay-only step when d_iter = 0)
+                batches = (zip(x_clone.split(cfg.batch_size), targets[:n_clone].split(cfg.batch_size)) if n_clone
+                           else ())
             else:  # asked lazily, batch by batch, once the clone is in train mode
-                batches = ((xb, recover(ledger.query(xb))) for xb in x_clone.split(cfg.batch_size))
+                batches = ((xb, recover(ledger.query(xb))) for xb in x_clone.split(cfg.batch_size) if len(xb))
             # (3) d_iter clone steps: L1 to the recovered victim logits
             clone.train()
             for xb, tb in batches:

@@ -21,7 +21,25 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from misleader.attacks.base import Attack
 from misleader.oracle import Oracle
+
+
+class WrapsDFME(Attack):
+    """An attack that runs an inner :class:`~misleader.attacks.dfme.DFME` (``self._dfme``).
+
+    :meth:`adapt_to_target` hands the target's public description to the inner DFME too, so that its
+    ``preset="auto"`` and its image map (the dataset's public normalisation statistics) are resolved for the
+    target exactly as a plain DFME's are (without it the inner DFME knew no dataset and generated in
+    ``(x + 1) / 2``).
+    """
+
+    _dfme: Any
+
+    def adapt_to_target(self, meta: dict[str, Any]) -> None:
+        super().adapt_to_target(meta)
+        self._dfme.adapt_to_target(meta)
+        self.dfme = self._dfme.config()
 
 
 class CloneWrapper(nn.Module):
@@ -84,4 +102,4 @@ def run_dfme_with(*, dfme: Any, oracle: Oracle, budget: int, clone: nn.Module, w
     return res
 
 
-__all__ = ["CloneWrapper", "QueryProxy", "run_dfme_with"]
+__all__ = ["CloneWrapper", "QueryProxy", "WrapsDFME", "run_dfme_with"]

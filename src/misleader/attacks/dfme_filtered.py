@@ -18,16 +18,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from misleader.attacks.base import Attack, AttackResult, Evaluator, register_attack
+from misleader.attacks.base import AttackResult, Evaluator, register_attack
 from misleader.attacks.dfme import DFME
-from misleader.attacks.dfme_adaptive import CloneWrapper, run_dfme_with
+from misleader.attacks.dfme_adaptive import CloneWrapper, WrapsDFME, run_dfme_with
 from misleader.errors import MisleaderError
 from misleader.oracle import Oracle
 from misleader.utils import derive_seed, make_generator
 
 
 @register_attack("dfme-filtered")
-class FilteringDFME(Attack):
+class FilteringDFME(WrapsDFME):
     """DFME keeping only clone-training answers whose top-1 survives ``checks`` noisy re-queries.
 
     Args:
@@ -38,7 +38,7 @@ class FilteringDFME(Attack):
 
     requires = frozenset({"probs"})
 
-    def __init__(self, *, checks: int = 2, sigma: float = 0.05, preset: str = "cpu", **overrides: Any) -> None:
+    def __init__(self, *, checks: int = 2, sigma: float = 0.05, preset: str = "auto", **overrides: Any) -> None:
         if checks < 1 or not sigma > 0:
             raise MisleaderError(f"dfme-filtered needs checks >= 1 and sigma > 0, got {checks}, {sigma}")
         self.checks, self.sigma = int(checks), float(sigma)

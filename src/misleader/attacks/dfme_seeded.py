@@ -19,9 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from misleader.attacks.base import Attack, AttackResult, Evaluator, register_attack
+from misleader.attacks.base import AttackResult, Evaluator, register_attack
 from misleader.attacks.dfme import DFME
-from misleader.attacks.dfme_adaptive import CloneWrapper, run_dfme_with
+from misleader.attacks.dfme_adaptive import CloneWrapper, WrapsDFME, run_dfme_with
 from misleader.errors import MisleaderError
 from misleader.oracle import Oracle
 from misleader.utils import derive_seed, make_generator
@@ -33,12 +33,16 @@ def random_shift(x: torch.Tensor, *, shift: int, generator: torch.Generator) -> 
         return x
     n, _, h, w = x.shape
     padded = F.pad(x, (shift, shift, shift, shift))
-    off = torch.randint(0, 2 * shift + 1, (n, 2), generator=generator)
-    return torch.stack([padded[i, :, a:a + h, b:b + w] for i, (a, b) in enumerate(off.tolist())])
+    off = torch.randint(0, 2 * shift + 1, (n, 2), generator=generator).to(x.device)
+    rows = (off[:, 0, None] + torch.arange(h, device=x.device))[:, :, None]  # (N, H, 1)
+    cols = (off[:, 1, None] + torch.arange(w, device=x.device))[:, None, :]  # (N, 1, W)
+    # one gather for the whole batch: (N, H, W, C) -> (N, C, H, W)
+    index = torch.arange(n, device=x.device)[:, None, None]
+    return padded.permute(0, 2, 3, 1)[index, rows, cols].permute(0, 3, 1, 2).contiguous()
 
 
 @register_attack("dfme-seeded")
-class SeededDFME(Attack):
+class SeededDFME(WrapsDFME):
     """DFME with ``seeds`` real images mixed into a fraction ``mix`` of each clone-training batch.
 
     Args:
@@ -52,7 +56,7 @@ class SeededDFME(Attack):
     needs_pool = True
     default_pool = "attacker"
 
-    def __init__(self, *, seeds: int = 100, mix: float = 0.25, shift: int = 2, preset: str = "cpu",
+    def __init__(self, *, seeds: int = 100, mix: float = 0.25, shift: int = 2, preset: str = "auto",
                  **overrides: Any) -> None:
         if seeds < 1 or not 0 < mix <= 1 or shift < 0:
             raise MisleaderError(f"dfme-seeded needs seeds >= 1, 0 < mix <= 1 and shift >= 0, got {seeds}, {mix}, "

@@ -24,7 +24,7 @@ Top-level keys: ``name``, ``description``, ``dataset`` (a registered name or ``n
 ``recipe``, ``batch_size``, ``lr``, ``split``), ``victim_seeds``, ``defenses`` (``name``, ``label``, ``base`` and
 the defense's settings, e.g. MISLEADER's ``members``, ``epochs``, ``preset``, ``member_settings``,
 ``batch_size``), ``attacks`` (``name``, ``label``, ``labels`` soft|hard, ``pool``, ``budgets``,
-``clone_archs``, ``options``, ``eval_every``, ``seeds``), ``clone_archs``, ``budgets`` (default for
+``clone_archs``, ``options``, ``eval_every``, ``seeds``, ``defenses``: only against these defense labels), ``clone_archs``, ``budgets`` (default for
 attacks), ``seeds``, ``device``, ``resources`` (per stage: ``num_cpus``, ``num_gpus``; Ray).
 Budgets may be written ``5000``, ``"100k"``, ``"2M"``.
 
@@ -267,6 +267,9 @@ class AttackSpec:
     options: dict[str, Any] = field(default_factory=dict)
     eval_every: int | None = None
     seeds: tuple[int, ...] | None = None  #: overrides the spec's ``seeds`` for this attack
+    #: only against these defenses (labels, or a sweep's group label); ``None``: every defense. Not part of
+    #: a run's id (it selects runs, it does not change them)
+    defenses: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -328,7 +331,8 @@ _TOP_KEYS = {"name", "description", "dataset", "victim", "victim_seeds", "defens
              "budgets", "seeds", "device", "resources"}
 _VICTIM_KEYS = {"arch", "epochs", "recipe", "batch_size", "lr", "split"}
 _SPLIT_KEYS = {"seed", "val_fraction", "attacker_fraction"}
-_ATTACK_KEYS = {"name", "label", "labels", "pool", "budgets", "clone_archs", "options", "eval_every", "seeds"}
+_ATTACK_KEYS = {"name", "label", "labels", "pool", "budgets", "clone_archs", "options", "eval_every", "seeds",
+                "defenses"}
 _RESOURCE_KEYS = {"num_cpus", "num_gpus"}
 
 
@@ -789,10 +793,19 @@ def parse_spec(obj: Any, *, source: str = "spec") -> ExperimentSpec:
             a_seeds = tuple(_int(s, f"{w}.seeds[{j}]", minimum=0) for j, s in enumerate(_list(a["seeds"], f"{w}.seeds")))
             if len(set(a_seeds)) != len(a_seeds):
                 raise _fail(f"{w}.seeds", f"has repeated values {list(a_seeds)}")
+        a_defenses = None
+        if "defenses" in a:
+            names = {d.label for d in defenses} | {d.group for d in defenses if d.group is not None}
+            a_defenses = tuple(_str(x, f"{w}.defenses[{j}]") for j, x in enumerate(_list(a["defenses"], f"{w}.defenses")))
+            for j, lab in enumerate(a_defenses):
+                if lab not in names:
+                    near = difflib.get_close_matches(lab, sorted(names), n=1)
+                    raise _fail(f"{w}.defenses[{j}]", f"no defense labelled {lab!r}"
+                                + (f"; did you mean {near[0]!r}?" if near else f"; the labels are {', '.join(sorted(names))}"))
         default_label = aname if labels == "soft" else f"{aname}-hard"
         attacks.append(AttackSpec(name=aname, label=_str(a.get("label", default_label), f"{w}.label"), labels=labels,
                                   pool=pool, budgets=a_budgets, clone_archs=a_clones, options=options,
-                                  eval_every=eval_every, seeds=a_seeds))
+                                  eval_every=eval_every, seeds=a_seeds, defenses=a_defenses))
     _unique_labels(((f"{source}: attacks[{i}]", a.label) for i, a in enumerate(attacks)), "attack")
 
     seeds = tuple(_int(s, f"{source}: seeds[{j}]", minimum=0) for j, s in enumerate(_list(top.get("seeds", [0]), f"{source}: seeds")))
@@ -915,8 +928,10 @@ def expand(spec: ExperimentSpec) -> list[Stage]:
             by_label[d.label] = st
             defense_stages.append((d, st))
 
-    for _, dst in defense_stages:
+    for d, dst in defense_stages:
         for i, a in enumerate(spec.attacks):
+            if a.defenses is not None and d.label not in a.defenses and d.group not in a.defenses:
+                continue
             for clone in a.clone_archs:
                 for budget in a.budgets:
                     for seed in a.seeds if a.seeds is not None else spec.seeds:
