@@ -73,3 +73,25 @@ def test_full_crop_is_the_identity():
     out = ResizedCropFlip((32, 32), scale=(1.0, 1.0), hflip=False)
     out.crop = K.RandomResizedCrop((32, 32), scale=(1.0, 1.0), ratio=(1.0, 1.0), p=1.0)
     torch.testing.assert_close(out(x), x, atol=1e-5, rtol=0)  # float32 grid rounding only
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_jitter_and_affine_equal_kornias_modules_exactly(channels, seed):
+    """The jitter and the nearest affine warp give kornia's images bit for bit, from the same draws."""
+    from misleader.data.augment import AffineNearest, Jitter
+
+    x = _images(channels, n=40)
+    sat = 0.4 if channels == 3 else 0.0
+    for ours, theirs in (
+            (Jitter(brightness=0.4, contrast=0.4, saturation=sat),
+             K.ColorJitter(brightness=0.4, contrast=0.4, saturation=sat, hue=0.0, p=1.0)),
+            (AffineNearest(degrees=15, translate=(0.1, 0.1), scale=(0.9, 1.1)),
+             K.RandomAffine(degrees=15, translate=(0.1, 0.1), scale=(0.9, 1.1), resample="nearest",
+                            padding_mode="zeros", p=1.0))):
+        torch.manual_seed(seed)
+        ref = theirs(x)
+        state = torch.get_rng_state()
+        torch.manual_seed(seed)
+        out = ours(x)
+        assert torch.equal(out, ref) and torch.equal(torch.get_rng_state(), state)

@@ -178,3 +178,51 @@ def test_spec_validation_accepts_the_decoy_defense_and_rejects_bad_settings(tmp_
     (tmp_path / "b.yaml").write_text(good.replace("mu: 0.5", "mu: -1"))
     with pytest.raises(MisleaderError, match="mu"):
         load_spec(tmp_path / "b.yaml")
+
+
+# --------------------------------------------------------------------------- collapsing relabelling
+
+@pytest.mark.parametrize("seed", range(20))
+@pytest.mark.parametrize("m", [2, 3, 5])
+def test_random_collapse_uses_m_classes_without_fixed_points(seed, m):
+    from misleader.defenses.misleader.decoy import random_collapse
+
+    f = random_collapse(10, m, generator=make_generator(seed))
+    assert len(f) == 10 and len(set(f)) == m and all(v != c for c, v in enumerate(f))
+    assert f == random_collapse(10, m, generator=make_generator(seed))
+    DecoyConfig.from_dict(_decoy(perm=f, relabel="collapse"))
+    with pytest.raises(MisleaderError, match="decoy_classes"):
+        random_collapse(10, 10, generator=make_generator(seed))
+
+
+def test_collapse_targets_add_the_merged_classes_and_the_permutation_dict_is_unchanged():
+    teacher = tiny_model(3)
+    x = torch.rand(8, 1, 32, 32)
+    f = [4, 4, 4, 4, 1, 1, 1, 1, 4, 4]
+    q = decoy_targets(teacher, x, f)
+    with torch.no_grad():
+        p = torch.softmax(teacher.eval()(x), 1)
+    assert torch.allclose(q[:, 4], p[:, [0, 1, 2, 3, 8, 9]].sum(1)) and torch.allclose(q[:, 1], p[:, 4:8].sum(1))
+    assert torch.allclose(q.sum(1), torch.ones(8)) and bool((q[:, [0, 2, 3, 5, 6, 7, 8, 9]] == 0).all())
+    # a collapsing map is refused as a permutation, a permutation's settings keep their old dict (no new key)
+    with pytest.raises(MisleaderError, match="permutation"):
+        DecoyConfig.from_dict(_decoy(perm=f))
+    for bad in ([0, 0, 1, 1, 1, 1, 1, 1, 1, 1], [1, 2, 3, 4, 5, 6, 7, 8, 9, 0], [2] * 9 + [0]):
+        with pytest.raises(MisleaderError, match="onto 2"):  # a fixed point; a bijection; fixed point 2
+            DecoyConfig.from_dict(_decoy(perm=bad, relabel="collapse"))
+    assert "relabel" not in DecoyConfig.from_dict(_decoy()).to_dict()
+    assert DecoyConfig.from_dict(_decoy(perm=f, relabel="collapse")).to_dict()["relabel"] == "collapse"
+
+
+def test_decoy_settings_draw_a_collapse_from_the_seed():
+    from misleader.defenses.misleader_decoy_cli import check_params, decoy_settings
+
+    meta = {"num_classes": 10, "mean": [0.1], "std": [0.3]}
+    a = decoy_settings(victim_meta=meta, seed=3, mu=1.0, relabel="collapse", decoy_classes=3)
+    assert a["relabel"] == "collapse" and len(set(a["perm"])) == 3
+    assert a == decoy_settings(victim_meta=meta, seed=3, mu=1.0, relabel="collapse", decoy_classes=3)
+    with pytest.raises(MisleaderError, match="goes with relabel collapse"):
+        decoy_settings(victim_meta=meta, seed=3, mu=1.0, decoy_classes=3)
+    with pytest.raises(MisleaderError, match="goes with relabel collapse"):
+        check_params(mu=1.0, decoy_classes=3)
+    check_params(mu=1.0, relabel="collapse", decoy_classes=2)

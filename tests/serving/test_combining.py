@@ -82,12 +82,12 @@ def test_a_failed_pass_fails_each_of_its_requests_and_the_next_pass_works(model,
     real = model._oracle
     calls = {"n": 0}
 
-    class Flaky:
-        def query(self, x):
+    class Flaky:  # what the served model calls with a checked batch
+        def _answer_validated(self, x):
             calls["n"] += 1
             if calls["n"] == 1:
                 raise RuntimeError("boom")
-            return real.query(x)
+            return real._answer_validated(x)
 
     monkeypatch.setattr(model, "_oracle", Flaky())
     got = _concurrent(model, [torch.rand(2, *shape) for _ in range(3)])

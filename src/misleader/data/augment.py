@@ -23,6 +23,10 @@ Deviations from the reference (torchvision on PIL images, one image at a time):
   mild 0.8-1.0 crops). Crop and flip are drawn by kornia's modules and applied together in one
   batched ``grid_sample`` (:class:`ResizedCropFlip`; kornia resizes each image's crop separately):
   the same draws and the same images up to float rounding (``tests/data/test_augment_fused.py``).
+  ColorJitter and RandomAffine are drawn by kornia's modules too and applied without their module machinery
+  (:class:`Jitter`: kornia's own colour functions in the drawn order; :class:`AffineNearest`: kornia's matrix
+  and a separable sampling grid): bit-identical images, tested against the kornia modules (issue 10: the
+  strong pipeline went from 9.2 to ~N ms per 256 MNIST images on one CPU thread).
 - ColorJitter's random order of brightness / contrast / saturation is drawn once per batch, not
   once per image (the factors are still drawn per image).
 - One-channel images (MNIST family): only brightness and contrast are jittered and the grayscale
@@ -117,11 +121,91 @@ class ResizedCropFlip(nn.Module):
         v = torch.linspace(-1.0, 1.0, oh, device=x.device, dtype=x.dtype) if oh > 1 else x.new_zeros(1)
         gx = sx[:, None] * u + ((x1 + x2) / max(w - 1, 1) - 1)[:, None]  # (N, W_out)
         gy = ((y2 - y1) / max(h - 1, 1))[:, None] * v + ((y1 + y2) / max(h - 1, 1) - 1)[:, None]  # (N, H_out)
-        # (N, 1, W_out, 2) = (gx, 0) plus (N, H_out, 1, 2) = (0, gy): one broadcast add builds the grid
-        grid = torch.stack([gx, torch.zeros_like(gx)], dim=-1)[:, None] + \
-            torch.stack([torch.zeros_like(gy), gy], dim=-1)[:, :, None]
+        # the grid is separable: column j's x and row i's y, written by two broadcast copies
+        grid = torch.empty(n, oh, ow, 2, device=x.device, dtype=x.dtype)
+        grid[..., 0] = gx[:, None, :]
+        grid[..., 1] = gy[:, :, None]
         # the crop lies inside the image: border padding only guards against rounding at the edges
         return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=True)
+
+
+class Jitter(nn.Module):
+    """kornia's ``ColorJitter(brightness, contrast, saturation, hue=0)`` without the module machinery around it.
+
+    The parameters are drawn by a ``K.ColorJitter`` (``forward_parameters``: the same draws); the steps are
+    kornia's own functions (multiplicative brightness, contrast around the gray mean, saturation against the
+    gray image), applied in the drawn order, a step skipped when all its factors are neutral, with kornia's
+    clamps before and after: the same images (``tests/data/test_augment_fused.py``) for a fraction of the
+    module's per-call cost.
+
+    Shape: float (N, C, H, W) -> (N, C, H, W).
+    """
+
+    def __init__(self, *, brightness: float, contrast: float, saturation: float) -> None:
+        super().__init__()
+        self.jitter = K.ColorJitter(brightness=brightness, contrast=contrast, saturation=saturation, hue=0.0, p=1.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        from kornia.enhance import (adjust_brightness_accumulative, adjust_contrast_with_mean_subtraction,
+                                    adjust_saturation_with_gray_subtraction)
+
+        params = self.jitter.forward_parameters(x.shape)
+        steps = (("brightness_factor", adjust_brightness_accumulative, 1.0),
+                 ("contrast_factor", adjust_contrast_with_mean_subtraction, 1.0),
+                 ("saturation_factor", adjust_saturation_with_gray_subtraction, 1.0))
+        out = x.clamp(0.0, 1.0)
+        for idx in params["order"].tolist():
+            if idx >= len(steps):  # hue: always neutral here (hue=0)
+                continue
+            key, fn, neutral = steps[idx]
+            factor = params[key].to(device=x.device, dtype=x.dtype)
+            if bool((factor != neutral).any()):
+                out = fn(out, factor)
+        return out.clamp(0.0, 1.0)
+
+
+def _inverse_3x3(m: torch.Tensor) -> torch.Tensor:
+    """kornia's closed-form inverse of (B, 3, 3) matrices (the one its ``warp_affine`` uses), else ``linalg.inv``."""
+    try:
+        from kornia.core.utils import _inverse_3x3_closed_form
+    except ImportError:  # another kornia: the same inverse up to float rounding
+        return torch.linalg.inv(m)
+    return _inverse_3x3_closed_form(m)
+
+
+class AffineNearest(nn.Module):
+    """kornia's ``RandomAffine`` (nearest resampling, zero fill, ``align_corners=False``), with a separable grid.
+
+    The parameters and the matrix are kornia's own (``forward_parameters`` and ``compute_transformation`` of a
+    ``K.RandomAffine``: the same draws, in the same order), normalised and inverted as kornia's ``warp_affine``
+    does; the sampling grid ``x' = (m00 x + m01 y) + m02`` (likewise ``y'``) is built from one row vector and
+    one column vector per image instead of kornia's full-size products: the same float operations in the same
+    order, so the same grid and, with nearest resampling, the same images (``tests/data/test_augment_fused.py``).
+    kornia builds its grid with six full-size operations, most of the strong pipeline's time on a CPU.
+
+    Shape: float (N, C, H, W) -> (N, C, H, W).
+    """
+
+    def __init__(self, *, degrees: float, translate: tuple[float, float], scale: tuple[float, float]) -> None:
+        super().__init__()
+        self.affine = K.RandomAffine(degrees=degrees, translate=translate, scale=scale, resample="nearest",
+                                     padding_mode="zeros", p=1.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        from kornia.geometry.conversions import convert_affinematrix_to_homography, normalize_homography
+
+        n, _, h, w = x.shape
+        params = self.affine.forward_parameters(x.shape)
+        m = self.affine.compute_transformation(x, params, self.affine.flags)[:, :2, :]
+        dst_norm = normalize_homography(convert_affinematrix_to_homography(m), (h, w), (h, w), align_corners=False)
+        inv = _inverse_3x3(dst_norm)  # (N, 3, 3): normalised output coordinates -> normalised input coordinates
+        xs = torch.linspace(-1.0 + 1.0 / w, 1.0 - 1.0 / w, w, device=x.device, dtype=x.dtype)
+        ys = torch.linspace(-1.0 + 1.0 / h, 1.0 - 1.0 / h, h, device=x.device, dtype=x.dtype)
+        grid = torch.empty(n, h, w, 2, device=x.device, dtype=x.dtype)
+        for k in range(2):  # (m_k0 x_j + m_k1 y_i) + m_k2, as kornia sums it
+            g = torch.add((inv[:, k, 0, None] * xs)[:, None, :], (inv[:, k, 1, None] * ys)[:, :, None])
+            grid[..., k] = g.add_(inv[:, k, 2, None, None])
+        return F.grid_sample(x, grid, mode="nearest", padding_mode="zeros", align_corners=False)
 
 
 @AUGMENTATIONS.register("strong")
@@ -160,11 +244,10 @@ def strong_augmentation(
     if jitter > 0:
         # kornia's ColorJitter skips a step whose factors are all neutral: saturation=0 is safe on 1 channel.
         saturation = jitter if channels == 3 else 0.0
-        mods.append(K.ColorJitter(brightness=jitter, contrast=jitter, saturation=saturation, hue=0.0, p=1.0))
+        mods.append(Jitter(brightness=jitter, contrast=jitter, saturation=saturation))
     if channels == 3 and grayscale_p > 0:
         mods.append(K.RandomGrayscale(p=grayscale_p))
-    mods.append(K.RandomAffine(degrees=degrees, translate=(translate, translate), scale=tuple(scale),
-                               resample="nearest", padding_mode="zeros", p=1.0))
+    mods.append(AffineNearest(degrees=degrees, translate=(translate, translate), scale=tuple(scale)))
     return Pipeline(*mods, image_size=image_size, channels=channels)
 
 

@@ -16,7 +16,7 @@ import argparse
 from typing import Any, Sequence
 
 from misleader.defenses.base import DefenseSpec, register_defense
-from misleader.defenses.misleader.decoy import FAMILIES, DecoyConfig, random_derangement
+from misleader.defenses.misleader.decoy import FAMILIES, RELABELS, DecoyConfig, random_collapse, random_derangement
 from misleader.defenses.misleader_cli import _csv, _float_list, _per_member, _positive_int
 from misleader.defenses.misleader_cli import add_arguments as _misleader_arguments
 from misleader.defenses.misleader_cli import params_from_args as _misleader_params
@@ -35,6 +35,11 @@ def add_arguments(m: argparse.ArgumentParser) -> None:
                    help="randomly initialised generators making the bank (default 80)")
     m.add_argument("--bank-families", type=_csv, default=None,
                    help="generator families of the bank, comma-separated (default generator_a,dcgan)")
+    m.add_argument("--relabel", choices=RELABELS, default=None,
+                   help="the secret relabelling of decoy answers: permutation (default; invertible, so an attacker "
+                        "with a few real images can undo it) or collapse (merges the classes into --decoy-classes)")
+    m.add_argument("--decoy-classes", type=_positive_int, default=None,
+                   help="with --relabel collapse: how many classes the decoy answers use (default 2)")
     m.add_argument("--adversarial", action="store_true",
                    help="also train a generator inside training towards member/clone disagreement, with the decoy "
                         "target on its images (needs lambda > 0)")
@@ -46,19 +51,25 @@ def params_from_args(args: argparse.Namespace) -> dict[str, Any]:
     if p.pop("member_of", None) is not None:
         raise MisleaderError("misleader-decoy trains its members in one call: leave out --member-of")
     p.update(mu=args.mu, bank_size=args.bank_size, generators=args.bank_generators, families=args.bank_families,
-             adversarial=True if args.adversarial else None)
+             adversarial=True if args.adversarial else None, relabel=args.relabel, decoy_classes=args.decoy_classes)
     return {k: v for k, v in p.items() if v is not None}
 
 
 def decoy_settings(*, victim_meta: dict[str, Any], seed: int, mu: float, bank_size: int | None = None,
                    generators: int | None = None, families: Sequence[str] | None = None,
-                   bank_batch: int | None = None, adversarial: bool | None = None) -> dict[str, Any]:
-    """One member's decoy dict: the derangement and bank seed drawn from ``seed`` (the same for every member)."""
+                   bank_batch: int | None = None, adversarial: bool | None = None, relabel: str | None = None,
+                   decoy_classes: int | None = None) -> dict[str, Any]:
+    """One member's decoy dict: the secret map and bank seed drawn from ``seed`` (the same for every member)."""
     from misleader.defenses.misleader.folder import member_seed
     from misleader.utils import make_generator
 
     k = int(victim_meta["num_classes"])
-    perm = random_derangement(k, generator=make_generator(member_seed(seed, "decoy-permutation")))
+    if relabel == "collapse":
+        perm = random_collapse(k, decoy_classes or 2, generator=make_generator(member_seed(seed, "decoy-collapse")))
+    else:
+        if decoy_classes is not None:
+            raise MisleaderError("decoy_classes goes with relabel collapse")
+        perm = random_derangement(k, generator=make_generator(member_seed(seed, "decoy-permutation")))
     mappings = [[0.5, 0.5]]
     mean, std = victim_meta.get("mean"), victim_meta.get("std")
     if mean and std:  # DFME's "normalised" pixel mapping: the victim's normalisation range
@@ -66,7 +77,8 @@ def decoy_settings(*, victim_meta: dict[str, Any], seed: int, mu: float, bank_si
     d: dict[str, Any] = {"perm": perm, "mu": float(mu), "bank_seed": member_seed(seed, "decoy-bank"),
                          "mappings": mappings}
     for key, value in (("bank_size", bank_size), ("generators", generators), ("bank_batch", bank_batch),
-                       ("families", list(families) if families is not None else None), ("adversarial", adversarial)):
+                       ("families", list(families) if families is not None else None), ("adversarial", adversarial),
+                       ("relabel", relabel)):
         if value is not None:
             d[key] = value
     return DecoyConfig.from_dict(d).to_dict()
@@ -76,11 +88,13 @@ def build(*, victim: Any, base: Any = None, out: Any, seed: int = 0, force: bool
           members: Sequence[str] | None = None, epochs: int | None = None, preset: str | None = None,
           mu: float | Sequence[float] | None = None, bank_size: int | None = None, generators: int | None = None,
           families: Sequence[str] | None = None, bank_batch: int | None = None, adversarial: bool | None = None,
+          relabel: str | None = None, decoy_classes: int | None = None,
           member_settings: Sequence[dict] | None = None, **kwargs: Any) -> dict[str, Any]:
     """Train the decoy ensemble with :func:`~misleader.defenses.misleader.defend_misleader`; returns its result.json.
 
     ``mu``: one weight for all members or one per member (default 1). ``members`` / ``epochs`` default to the
-    preset's (``preset`` default: the one for the victim's dataset).
+    preset's (``preset`` default: the one for the victim's dataset). ``relabel``: ``"permutation"`` (default) or
+    ``"collapse"`` onto ``decoy_classes`` classes (default 2); see :class:`~misleader.defenses.misleader.decoy.DecoyConfig`.
     """
     from misleader.defenses.misleader import AUTO_PRESET, defend_misleader, get_preset
     from misleader.training.checkpoint import read_sidecar
@@ -101,7 +115,7 @@ def build(*, victim: Any, base: Any = None, out: Any, seed: int = 0, force: bool
     for s, m in zip(settings, mus):
         s["decoy"] = decoy_settings(victim_meta=vmeta, seed=seed, mu=1.0 if m is None else m, bank_size=bank_size,
                                     generators=generators, families=families, bank_batch=bank_batch,
-                                    adversarial=adversarial)
+                                    adversarial=adversarial, relabel=relabel, decoy_classes=decoy_classes)
     return defend_misleader(victim=victim, base=base, out=out, seed=seed, force=force, members=members, epochs=epochs,
                             preset=preset, member_settings=settings, **kwargs)
 
@@ -109,8 +123,9 @@ def build(*, victim: Any, base: Any = None, out: Any, seed: int = 0, force: bool
 def check_params(*, members: Sequence[str] | None = None, epochs: int | None = None, preset: str | None = None,
                  mu: float | Sequence[float] | None = None, bank_size: int | None = None,
                  generators: int | None = None, families: Sequence[str] | None = None,
-                 bank_batch: int | None = None, adversarial: bool | None = None,
-                 member_settings: Sequence[dict] | None = None, batch_size: int | None = None) -> None:
+                 bank_batch: int | None = None, adversarial: bool | None = None, relabel: str | None = None,
+                 decoy_classes: int | None = None, member_settings: Sequence[dict] | None = None,
+                 batch_size: int | None = None) -> None:
     """Validate the spec settings without training (the decoy settings with a placeholder derangement)."""
     from misleader.defenses.misleader_cli import check_params as misleader_check
 
@@ -118,7 +133,14 @@ def check_params(*, members: Sequence[str] | None = None, epochs: int | None = N
         misleader_check(members=members, epochs=epochs, preset=preset, member_settings=member_settings,
                         batch_size=batch_size)
     for m in ([mu] if isinstance(mu, (int, float)) or mu is None else list(mu)):
-        d: dict[str, Any] = {"perm": [1, 0], "mu": 1.0 if m is None else m}
+        if relabel == "collapse":
+            if decoy_classes is not None and decoy_classes < 2:
+                raise MisleaderError(f"decoy_classes must be >= 2, got {decoy_classes}")
+            d: dict[str, Any] = {"perm": [1, 2, 1], "relabel": "collapse", "mu": 1.0 if m is None else m}
+        else:
+            if decoy_classes is not None:
+                raise MisleaderError("decoy_classes goes with relabel collapse")
+            d = {"perm": [1, 0], "mu": 1.0 if m is None else m, **({"relabel": relabel} if relabel else {})}
         for key, value in (("bank_size", bank_size), ("generators", generators), ("bank_batch", bank_batch),
                            ("families", families), ("adversarial", adversarial)):
             if value is not None:

@@ -238,7 +238,15 @@ class Oracle(ABC):
             ValueError: wrong type, layout, dtype, shape, NaN/inf or values outside [0, 1].
             QueryBudgetExceeded: ``N`` exceeds :attr:`remaining` (nothing is evaluated or counted).
         """
-        xp = plain_batch(x, self.__input_shape)
+        return self._answer_validated(plain_batch(x, self.__input_shape))
+
+    def _answer_validated(self, xp: torch.Tensor) -> torch.Tensor:
+        """:meth:`query` of a batch already returned by :func:`plain_batch` (same shape): count, answer.
+
+        For server code that validates a batch before it waits for the model (the gateway checks requests in
+        their own threads, so that the model's lock covers the forward pass only). Not on the sealed view an
+        attack receives; ``xp`` must be :func:`plain_batch`'s result (a plain, detached, checked copy).
+        """
         n = int(xp.shape[0])
         self.__acct.reserve(n)
         t0 = time.perf_counter()

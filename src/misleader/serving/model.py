@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from misleader.oracle.base import OutputMode
+from misleader.oracle.base import OutputMode, plain_batch
 
 
 #: rows answered by one combined forward pass at most (a pass takes whole requests, so one request larger
@@ -75,15 +75,26 @@ class ServedModel:
         """``ValueError`` naming the problem when ``x`` is not a (N, *input_shape) batch in [0, 1]."""
         self._oracle.validate(x)
 
-    def predict(self, x: torch.Tensor) -> torch.Tensor:
+    def check(self, x: torch.Tensor) -> torch.Tensor:
+        """The oracle's input check: the plain, detached, checked copy of ``x`` that :meth:`predict` answers
+        with ``checked=True``; ``ValueError`` naming the problem when ``x`` is not a (N, *input_shape) batch in
+        [0, 1]."""
+        return plain_batch(x, self.input_shape)
+
+    def predict(self, x: torch.Tensor, *, checked: bool = False) -> torch.Tensor:
         """(N, *input_shape) -> (N, K) float32 probabilities or (N,) int64 labels. Blocking, thread-safe.
+
+        ``checked``: ``x`` is :meth:`check`'s result (or a row subset of it), so it is not checked again. The
+        check runs in the caller's thread either way, not under the model's lock.
 
         Raises what the model raised for this request's pass (every request of a failed pass gets the error).
         """
+        if not checked:
+            x = plain_batch(x, self.input_shape)
         if self.max_batch_rows <= 0:
             with self._lock:
                 self.passes += 1
-                return self._oracle.query(x)
+                return self._oracle._answer_validated(x)
         me = _Pending(x)
         with self._queue_lock:
             self._queue.append(me)
@@ -113,7 +124,7 @@ class ServedModel:
             return
         self.passes += 1
         try:
-            out = self._oracle.query(batch[0].x if len(batch) == 1 else torch.cat([p.x for p in batch]))
+            out = self._oracle._answer_validated(batch[0].x if len(batch) == 1 else torch.cat([p.x for p in batch]))
             parts = out.split([len(p.x) for p in batch]) if len(batch) > 1 else (out,)
             for p, o in zip(batch, parts):
                 p.out = o

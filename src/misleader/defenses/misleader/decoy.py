@@ -51,6 +51,7 @@ log = logging.getLogger(__name__)
 
 PAPER_URL = "https://arxiv.org/abs/2506.02362"
 FAMILIES = ("generator_a", "dcgan")
+RELABELS = ("permutation", "collapse")
 
 
 def random_derangement(k: int, *, generator: torch.Generator) -> list[int]:
@@ -63,6 +64,25 @@ def random_derangement(k: int, *, generator: torch.Generator) -> list[int]:
             return [int(v) for v in p]
 
 
+def random_collapse(k: int, m: int, *, generator: torch.Generator) -> list[int]:
+    """A random map of ``range(k)`` onto ``m`` of its classes with no fixed point (``2 <= m < k``).
+
+    The ``m`` targets are drawn at random; each class goes to a random target other than itself, and every
+    target is used. Unlike a derangement the map cannot be undone: it merges classes.
+    """
+    if not 2 <= m < k:
+        raise MisleaderError(f"a collapsing decoy map needs 2 <= decoy_classes < {k} classes, got {m}")
+    while True:
+        targets = [int(t) for t in torch.randperm(k, generator=generator)[:m]]
+        pick = torch.randint(2**31 - 1, (k,), generator=generator).tolist()
+        out = []
+        for c in range(k):  # uniformly among the targets other than c
+            others = [t for t in targets if t != c]
+            out.append(others[pick[c] % len(others)])
+        if len(set(out)) == m:
+            return out
+
+
 def is_derangement(perm: Sequence[int]) -> bool:
     """``perm`` is a permutation of ``range(len(perm))`` with no fixed point."""
     return sorted(perm) == list(range(len(perm))) and all(int(v) != i for i, v in enumerate(perm))
@@ -73,7 +93,11 @@ class DecoyConfig:
     """Settings of the decoy term of one member (stored as ``MemberConfig.decoy``, a plain dict).
 
     Attributes:
-        perm: the secret derangement ``pi`` (``perm[c]`` is the class that class ``c`` is relabelled to).
+        perm: the secret map ``pi`` (``perm[c]`` is the class that class ``c`` is relabelled to): a derangement
+            (``relabel="permutation"``) or a map without fixed points onto fewer classes (``"collapse"``).
+        relabel: ``"permutation"`` (the audit's prototype: invertible, so an attacker with a few real images can
+            undo it, see :mod:`misleader.attacks.dfme_relabel`) or ``"collapse"`` (``pi`` merges the classes
+            into a few: the decoy answers lose the information a relabelling attacker would recover).
         mu: weight of the decoy term.
         bank_seed: seeds the bank's generators and latents (the same in every member).
         bank_size: images in the bank.
@@ -88,6 +112,7 @@ class DecoyConfig:
     """
 
     perm: tuple[int, ...]
+    relabel: str = "permutation"
     mu: float = 1.0
     bank_seed: int = 0
     bank_size: int = 8000
@@ -104,8 +129,14 @@ class DecoyConfig:
 
     def __post_init__(self) -> None:
         problems = []
-        if not is_derangement(list(self.perm)):
+        k = len(self.perm)
+        if self.relabel not in RELABELS:
+            problems.append(f"relabel must be one of {', '.join(RELABELS)}, got {self.relabel!r}")
+        elif self.relabel == "permutation" and not is_derangement(list(self.perm)):
             problems.append(f"perm must be a permutation of 0..K-1 without fixed points, got {list(self.perm)}")
+        elif self.relabel == "collapse" and (k < 3 or any(not 0 <= int(v) < k or int(v) == i for i, v in enumerate(self.perm))
+                                             or not 2 <= len(set(self.perm)) < k):
+            problems.append(f"perm must map 0..K-1 onto 2..K-1 classes without fixed points, got {list(self.perm)}")
         if not self.mu >= 0:
             problems.append(f"mu must be >= 0, got {self.mu}")
         if self.bank_size < 1 or self.generators < 1 or self.ngf < 1 or self.generators > self.bank_size:
@@ -145,6 +176,8 @@ class DecoyConfig:
         d = asdict(self)
         d["perm"], d["families"] = list(self.perm), list(self.families)
         d["mappings"] = [list(m) for m in self.mappings]
+        if self.relabel == "permutation":  # the default is left out: folders written before it keep their settings
+            del d["relabel"]
         return d
 
 
@@ -181,14 +214,13 @@ def make_bank(cfg: DecoyConfig, *, channels: int, size: int, device: torch.devic
 
 @torch.no_grad()
 def decoy_targets(teacher: nn.Module, bank: torch.Tensor, perm: Sequence[int], *, batch_size: int = 1024) -> torch.Tensor:
-    """``q``: the victim's softmax on ``bank`` (N, C, H, W) with class ``c`` moved to ``perm[c]``; (N, K) float32."""
+    """``q``: the victim's softmax on ``bank`` (N, C, H, W) with class ``c``'s mass moved to ``perm[c]`` (classes that
+    ``perm`` merges add up); (N, K) float32 rows on the simplex."""
     mode = teacher.training
     teacher.eval()
     p = torch.cat([F.softmax(teacher(x).float(), dim=1) for x in bank.split(batch_size)])
     teacher.train(mode)
-    q = torch.empty_like(p)
-    q[:, torch.as_tensor(list(perm), device=p.device)] = p
-    return q
+    return torch.zeros_like(p).index_add_(1, torch.as_tensor(list(perm), device=p.device), p)
 
 
 def decoy_loss(d_logits: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
@@ -291,5 +323,5 @@ def make_decoy_trainer(*, decoy: Mapping[str, Any], teacher: nn.Module, input_sh
                                  teacher=teacher, image_shape=(c, h, w), **kwargs)
 
 
-__all__ = ["DecoyConfig", "FAMILIES", "decoy_loss", "decoy_targets", "decoy_trainer_class", "is_derangement",
-           "make_bank", "make_decoy_trainer", "random_derangement"]
+__all__ = ["DecoyConfig", "FAMILIES", "RELABELS", "decoy_loss", "decoy_targets", "decoy_trainer_class",
+           "is_derangement", "make_bank", "make_decoy_trainer", "random_collapse", "random_derangement"]
