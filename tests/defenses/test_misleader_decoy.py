@@ -226,3 +226,56 @@ def test_decoy_settings_draw_a_collapse_from_the_seed():
     with pytest.raises(MisleaderError, match="goes with relabel collapse"):
         check_params(mu=1.0, decoy_classes=3)
     check_params(mu=1.0, relabel="collapse", decoy_classes=2)
+
+
+# --------------------------------------------------------------------------- refresh rounds
+
+def test_refresh_rounds_grow_the_bank_with_the_defenders_dfme_and_publish_the_last_round(tiny_victim, tmp_path):
+    import hashlib
+
+    from misleader import load_oracle
+    from misleader.defenses import defense_spec
+    from misleader.defenses.misleader.decoy import bank_file_name
+
+    spec = defense_spec("misleader-decoy")
+    out = tmp_path / "ref"
+    params = {**spec.test_params, "refresh_rounds": 1, "refresh_budget": 1792, "refresh_sample": 40}
+    res = spec(victim=tiny_victim, base=None, out=out, data_dir=None, seed=3, device="cpu", force=False, **params)
+    summary = res["refresh"]["summary"]
+    assert [r["round"] for r in summary] == [0, 1] and summary[0]["extra_banks"] == []
+    info = summary[0]["defender_dfme"]
+    assert summary[1]["extra_banks"] == [info["sha256"]] and info["images"] == 40 and info["dfme_seed"] == 20_300
+    data = (out / "rounds" / bank_file_name(info["sha256"])).read_bytes()
+    assert hashlib.sha256(data).hexdigest() == info["sha256"]
+    # round 1's members learned from the stored bank; the folder serves round 1's ensemble
+    plan = json.loads((out / "plan.json").read_text())
+    assert all(c["decoy"]["extra_banks"] == [info["sha256"]] for c in plan["configs"])
+    x = torch.rand(16, *load_oracle(out).input_shape, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(load_oracle(out).query(x), load_oracle(out / "rounds" / "r1").query(x))
+    assert not torch.equal(load_oracle(out).query(x), load_oracle(out / "rounds" / "r0").query(x))
+    # a rerun resumes (nothing retrained) and other refresh settings are refused
+    stamp = (out / "result.json").stat().st_mtime_ns
+    assert spec(victim=tiny_victim, base=None, out=out, data_dir=None, seed=3, device="cpu", force=False,
+                **params)["refresh"] == res["refresh"]
+    assert (out / "result.json").stat().st_mtime_ns == stamp
+    with pytest.raises(MisleaderError, match="refresh"):
+        spec(victim=tiny_victim, base=None, out=out, data_dir=None, seed=3, device="cpu", force=False,
+             **{**params, "refresh_sample": 41})
+
+
+def test_a_stored_bank_is_checked_before_use(tmp_path):
+    from misleader.defenses.misleader.decoy import load_bank_file, save_bank_file
+
+    x = torch.rand(5, 1, 8, 8)
+    digest = save_bank_file(x, tmp_path)
+    assert torch.allclose(load_bank_file(tmp_path, digest, shape=(1, 8, 8)), x, atol=1 / 255)
+    with pytest.raises(MisleaderError, match="holds"):
+        load_bank_file(tmp_path, digest, shape=(1, 8, 9))
+    path = next(tmp_path.iterdir())
+    path.write_bytes(path.read_bytes()[:-1] + b"\x00")
+    with pytest.raises(MisleaderError, match="altered"):
+        load_bank_file(tmp_path, digest, shape=(1, 8, 8))
+    with pytest.raises(MisleaderError, match="not found"):
+        load_bank_file(tmp_path, "0" * 64, shape=(1, 8, 8))
+    with pytest.raises(MisleaderError, match="sha256"):
+        DecoyConfig.from_dict(_decoy(extra_banks=["abc"]))

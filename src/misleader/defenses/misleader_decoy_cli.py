@@ -13,6 +13,7 @@ MISLEADER's, via :func:`misleader.defenses.misleader.defend_misleader`.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any, Sequence
 
 from misleader.defenses.base import DefenseSpec, register_defense
@@ -40,6 +41,13 @@ def add_arguments(m: argparse.ArgumentParser) -> None:
                         "with a few real images can undo it) or collapse (merges the classes into --decoy-classes)")
     m.add_argument("--decoy-classes", type=_positive_int, default=None,
                    help="with --relabel collapse: how many classes the decoy answers use (default 2)")
+    m.add_argument("--refresh-rounds", type=_positive_int, default=None, metavar="R",
+                   help="refresh the bank R times with a sample of the defender's own DFME queries against the "
+                        "previous round's ensemble, retraining each time (default: no refresh)")
+    m.add_argument("--refresh-budget", type=_positive_int, default=None,
+                   help="queries of each refresh DFME run (default 1000000)")
+    m.add_argument("--refresh-sample", type=_positive_int, default=None,
+                   help="queries of each refresh run kept for the bank (default 24000)")
     m.add_argument("--adversarial", action="store_true",
                    help="also train a generator inside training towards member/clone disagreement, with the decoy "
                         "target on its images (needs lambda > 0)")
@@ -51,7 +59,9 @@ def params_from_args(args: argparse.Namespace) -> dict[str, Any]:
     if p.pop("member_of", None) is not None:
         raise MisleaderError("misleader-decoy trains its members in one call: leave out --member-of")
     p.update(mu=args.mu, bank_size=args.bank_size, generators=args.bank_generators, families=args.bank_families,
-             adversarial=True if args.adversarial else None, relabel=args.relabel, decoy_classes=args.decoy_classes)
+             adversarial=True if args.adversarial else None, relabel=args.relabel, decoy_classes=args.decoy_classes,
+             refresh_rounds=args.refresh_rounds, refresh_budget=args.refresh_budget,
+             refresh_sample=args.refresh_sample)
     return {k: v for k, v in p.items() if v is not None}
 
 
@@ -88,13 +98,17 @@ def build(*, victim: Any, base: Any = None, out: Any, seed: int = 0, force: bool
           members: Sequence[str] | None = None, epochs: int | None = None, preset: str | None = None,
           mu: float | Sequence[float] | None = None, bank_size: int | None = None, generators: int | None = None,
           families: Sequence[str] | None = None, bank_batch: int | None = None, adversarial: bool | None = None,
-          relabel: str | None = None, decoy_classes: int | None = None,
+          relabel: str | None = None, decoy_classes: int | None = None, refresh_rounds: int | None = None,
+          refresh_budget: int | None = None, refresh_sample: int | None = None,
           member_settings: Sequence[dict] | None = None, **kwargs: Any) -> dict[str, Any]:
     """Train the decoy ensemble with :func:`~misleader.defenses.misleader.defend_misleader`; returns its result.json.
 
     ``mu``: one weight for all members or one per member (default 1). ``members`` / ``epochs`` default to the
     preset's (``preset`` default: the one for the victim's dataset). ``relabel``: ``"permutation"`` (default) or
     ``"collapse"`` onto ``decoy_classes`` classes (default 2); see :class:`~misleader.defenses.misleader.decoy.DecoyConfig`.
+    ``refresh_rounds``: train in rounds whose banks grow with the defender's own DFME queries
+    (:mod:`misleader.defenses.misleader.decoy_refresh`; ``refresh_budget`` queries per run, default 1M,
+    ``refresh_sample`` of them kept, default 24,000).
     """
     from misleader.defenses.misleader import AUTO_PRESET, defend_misleader, get_preset
     from misleader.training.checkpoint import read_sidecar
@@ -116,6 +130,20 @@ def build(*, victim: Any, base: Any = None, out: Any, seed: int = 0, force: bool
         s["decoy"] = decoy_settings(victim_meta=vmeta, seed=seed, mu=1.0 if m is None else m, bank_size=bank_size,
                                     generators=generators, families=families, bank_batch=bank_batch,
                                     adversarial=adversarial, relabel=relabel, decoy_classes=decoy_classes)
+    if refresh_rounds:
+        from misleader.defenses.misleader.decoy_refresh import train_with_refresh
+
+        if base is not None and Path(base).resolve() != Path(victim).resolve():
+            raise MisleaderError(f"--base {base}: misleader-decoy distils the victim itself; compose by passing this "
+                                 "folder as --base to the next defense")
+        if kwargs.pop("member_of", None) is not None:
+            raise MisleaderError("misleader-decoy --refresh-rounds trains its members in one call: leave out --member-of")
+        return train_with_refresh(victim=victim, out=out, seed=seed, rounds=refresh_rounds,
+                                  budget=refresh_budget or 1_000_000, sample=refresh_sample or 24_000,
+                                  member_settings=settings, force=force, members=members, epochs=epochs,
+                                  preset=preset, **kwargs)
+    if refresh_budget is not None or refresh_sample is not None:
+        raise MisleaderError("refresh_budget and refresh_sample go with refresh_rounds")
     return defend_misleader(victim=victim, base=base, out=out, seed=seed, force=force, members=members, epochs=epochs,
                             preset=preset, member_settings=settings, **kwargs)
 
@@ -124,11 +152,18 @@ def check_params(*, members: Sequence[str] | None = None, epochs: int | None = N
                  mu: float | Sequence[float] | None = None, bank_size: int | None = None,
                  generators: int | None = None, families: Sequence[str] | None = None,
                  bank_batch: int | None = None, adversarial: bool | None = None, relabel: str | None = None,
-                 decoy_classes: int | None = None, member_settings: Sequence[dict] | None = None,
-                 batch_size: int | None = None) -> None:
+                 decoy_classes: int | None = None, refresh_rounds: int | None = None,
+                 refresh_budget: int | None = None, refresh_sample: int | None = None,
+                 member_settings: Sequence[dict] | None = None, batch_size: int | None = None) -> None:
     """Validate the spec settings without training (the decoy settings with a placeholder derangement)."""
     from misleader.defenses.misleader_cli import check_params as misleader_check
 
+    for name, value in (("refresh_rounds", refresh_rounds), ("refresh_budget", refresh_budget),
+                        ("refresh_sample", refresh_sample)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise MisleaderError(f"{name} must be a positive integer, got {value!r}")
+    if not refresh_rounds and (refresh_budget is not None or refresh_sample is not None):
+        raise MisleaderError("refresh_budget and refresh_sample go with refresh_rounds")
     if members is not None and epochs is not None:
         misleader_check(members=members, epochs=epochs, preset=preset, member_settings=member_settings,
                         batch_size=batch_size)

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -109,6 +110,9 @@ class DecoyConfig:
         bank_batch: bank images per training step (``None``: the member's batch size).
         adversarial: also train a disagreement-seeking generator inside training (module docstring).
         adv_batch, adv_lr, adv_ngf, adv_nz: its batch per step, Adam learning rate, width and latent size.
+        extra_banks: sha256 digests of bank files added to the random bank (the refreshed banks of
+            :mod:`misleader.defenses.misleader.decoy_refresh`: images of the defender's own DFME runs), read from
+            the ``bank_dir`` given to :func:`make_decoy_trainer` (files ``bank-<sha256[:16]>.safetensors``).
     """
 
     perm: tuple[int, ...]
@@ -126,6 +130,7 @@ class DecoyConfig:
     adv_lr: float = 1e-3
     adv_ngf: int = 16
     adv_nz: int = 64
+    extra_banks: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         problems = []
@@ -149,6 +154,9 @@ class DecoyConfig:
         if self.adv_batch < 1 or self.adv_ngf < 1 or self.adv_nz < 1 or not self.adv_lr > 0:
             problems.append(f"adv_batch, adv_ngf, adv_nz and adv_lr must be > 0, got {self.adv_batch}, "
                             f"{self.adv_ngf}, {self.adv_nz}, {self.adv_lr}")
+        if any(not isinstance(h, str) or len(h) != 64 or any(c not in "0123456789abcdef" for c in h)
+               for h in self.extra_banks):
+            problems.append(f"extra_banks must be sha256 hex digests, got {list(self.extra_banks)}")
         if self.bank_batch is not None and self.bank_batch < 1:
             problems.append(f"bank_batch must be >= 1, got {self.bank_batch}")
         if problems:
@@ -165,7 +173,7 @@ class DecoyConfig:
                                  "draws it from the seed)")
         kw = dict(d)
         kw["perm"] = tuple(int(v) for v in d["perm"])
-        for key in ("families",):
+        for key in ("families", "extra_banks"):
             if key in kw:
                 kw[key] = tuple(kw[key])
         if "mappings" in kw:
@@ -176,8 +184,12 @@ class DecoyConfig:
         d = asdict(self)
         d["perm"], d["families"] = list(self.perm), list(self.families)
         d["mappings"] = [list(m) for m in self.mappings]
-        if self.relabel == "permutation":  # the default is left out: folders written before it keep their settings
+        d["extra_banks"] = list(self.extra_banks)
+        # defaults added later are left out, so that folders written before them keep their settings
+        if self.relabel == "permutation":
             del d["relabel"]
+        if not self.extra_banks:
+            del d["extra_banks"]
         return d
 
 
@@ -307,21 +319,77 @@ def decoy_trainer_class():
     return DecoyMemberTrainer
 
 
+def bank_file_name(sha256: str) -> str:
+    """The file name of a stored bank with this content digest."""
+    return f"bank-{sha256[:16]}.safetensors"
+
+
+def save_bank_file(x: torch.Tensor, bank_dir: str | Path) -> str:
+    """Store images (N, C, H, W) in [0, 1] as uint8 in ``bank_dir``; returns the file's sha256 (its name's key)."""
+    import hashlib
+
+    from safetensors.torch import save
+
+    from misleader.utils import atomic_write_bytes
+
+    data = save({"x": (x.detach().float().cpu().clamp(0, 1) * 255).round().to(torch.uint8).contiguous()})
+    digest = hashlib.sha256(data).hexdigest()
+    Path(bank_dir).mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(Path(bank_dir) / bank_file_name(digest), data)
+    return digest
+
+
+def load_bank_file(bank_dir: str | Path, sha256: str, *, shape: Sequence[int]) -> torch.Tensor:
+    """A stored bank (float32 (N, *shape) in [0, 1]) after checking its sha256 and its shape.
+
+    Raises:
+        MisleaderError: the file is missing, altered, unreadable or holds images of another shape.
+    """
+    import hashlib
+
+    from safetensors.torch import load
+
+    path = Path(bank_dir) / bank_file_name(sha256)
+    if not path.is_file():
+        raise MisleaderError(f"decoy bank {path} not found: it is written by the refresh rounds of "
+                             "misleader-decoy (--refresh-rounds); rerun the command, or --force to start over")
+    data = path.read_bytes()
+    if hashlib.sha256(data).hexdigest() != sha256:
+        raise MisleaderError(f"decoy bank {path} does not match its sha256: it was altered; --force to start over")
+    try:
+        x = load(data)["x"]
+    except Exception as exc:  # noqa: BLE001 - a corrupt file: one line
+        raise MisleaderError(f"decoy bank {path} cannot be read ({exc})") from None
+    if x.dtype != torch.uint8 or tuple(x.shape[1:]) != tuple(shape):
+        raise MisleaderError(f"decoy bank {path} holds {x.dtype} {tuple(x.shape)}, not uint8 (N, {tuple(shape)})")
+    return x.float() / 255.0
+
+
 def make_decoy_trainer(*, decoy: Mapping[str, Any], teacher: nn.Module, input_shape: Sequence[int],
-                       generator: torch.Generator, device: torch.device, **kwargs: Any):
-    """The decoy member trainer: builds the bank (``input_shape`` (C, H, W)) and its targets on ``device``."""
+                       generator: torch.Generator, device: torch.device, bank_dir: str | Path | None = None,
+                       **kwargs: Any):
+    """The decoy member trainer: builds the bank (``input_shape`` (C, H, W)) and its targets on ``device``.
+
+    ``bank_dir``: where the ``extra_banks`` files of the settings are (required when there are any).
+    """
     cfg = DecoyConfig.from_dict(decoy)
     c, h, w = (int(s) for s in input_shape)
     if h != w:
         raise MisleaderError(f"decoy bank generators make square images, the victim takes {c}x{h}x{w}")
     bank = make_bank(cfg, channels=c, size=h, device=device)
+    if cfg.extra_banks:
+        if bank_dir is None:
+            raise MisleaderError("these decoy settings add stored banks (extra_banks): train them through "
+                                 "misleader-decoy --refresh-rounds, which knows where the banks are")
+        bank = torch.cat([bank] + [load_bank_file(bank_dir, d, shape=(c, h, w)).to(device) for d in cfg.extra_banks])
     with autocast(device, False):
         targets = decoy_targets(teacher.to(device), bank, cfg.perm)
-    log.info("decoy bank: %d images from %d random generators (%s), mu=%g", len(bank), cfg.generators,
-             ",".join(cfg.families), cfg.mu)
+    log.info("decoy bank: %d images (%d stored) from %d random generators (%s), mu=%g", len(bank),
+             len(bank) - cfg.bank_size, cfg.generators, ",".join(cfg.families), cfg.mu)
     return decoy_trainer_class()(decoy=cfg, bank=bank, targets=targets, generator=generator, device=device,
                                  teacher=teacher, image_shape=(c, h, w), **kwargs)
 
 
-__all__ = ["DecoyConfig", "FAMILIES", "RELABELS", "decoy_loss", "decoy_targets", "decoy_trainer_class",
-           "is_derangement", "make_bank", "make_decoy_trainer", "random_collapse", "random_derangement"]
+__all__ = ["DecoyConfig", "FAMILIES", "RELABELS", "bank_file_name", "decoy_loss", "decoy_targets",
+           "decoy_trainer_class", "is_derangement", "load_bank_file", "make_bank", "make_decoy_trainer",
+           "random_collapse", "random_derangement", "save_bank_file"]

@@ -4,9 +4,9 @@ The defender scores each candidate folder (e.g. one per ``mu`` or bank) on two n
 without the test set and without the evaluation attacks' runs:
 
 * validation utility: the served answers' top-1 accuracy on the victim's validation split;
-* a *held-out clone*: the defender runs its own data-free extraction (DFME, ``cpu`` preset, a seed range
-  of its own, :data:`DEFENDER_SEED`) against the candidate with ``queries`` synthetic queries, and
-  measures that clone's accuracy on the validation split.
+* a *held-out clone*: the defender runs its own data-free extraction (DFME at its defaults for the target,
+  a seed range of its own, :data:`DEFENDER_SEED`) against the candidate with ``queries`` synthetic queries,
+  and measures that clone's accuracy on the validation split.
 
 Rule (:func:`select_candidate`): among the candidates whose validation utility is at least the
 victim's minus ``tolerance``, the one with the lowest held-out clone accuracy (ties: higher utility);
@@ -65,7 +65,10 @@ def score_candidate(target: str | Path, *, victim: str | Path, data_dir: str | P
         torch.manual_seed(DEFENDER_SEED + int(seed))
         clone = create_model(clone_arch, in_channels=int(vmeta["input_shape"][0]),
                              num_classes=int(vmeta["num_classes"]))
-    attack = DFME(**{"preset": "cpu", **(dfme_options or {})})
+    attack = DFME(**{"preset": "auto", **(dfme_options or {})})
+    # as the harness does: the target's public description (the dataset's pixel map, the preset for its scale);
+    # without it the defender's clone generated in (x + 1) / 2, a weaker attack than the evaluation's
+    attack.adapt_to_target({k: vmeta[k] for k in ("dataset", "input_shape", "num_classes") if k in vmeta})
     res = attack.run(load_oracle(target, budget=queries), budget=queries, clone=clone, generator=gen,
                      device=device)
     res.clone.eval()

@@ -70,7 +70,8 @@ def _check_fingerprint(member_dir: Path, want: dict[str, Any]) -> None:
 
 
 def _train_one(*, name: str, cfg: MemberConfig, seed: int, member_dir: Path, teacher: Classifier,
-               victim_meta: dict[str, Any], victim_sha: str | None, data, splits, device: torch.device) -> dict:
+               victim_meta: dict[str, Any], victim_sha: str | None, data, splits, device: torch.device,
+               decoy_bank_dir: Path | None = None) -> dict:
     """Train (or resume) one member into ``member_dir``; returns its result dict."""
     want = _fingerprint(cfg, seed=seed, victim_sha=victim_sha)
     if _finished(member_dir):
@@ -93,7 +94,7 @@ def _train_one(*, name: str, cfg: MemberConfig, seed: int, member_dir: Path, tea
         config=cfg, teacher=teacher, defense=d, clone=s, x_train=data.x_train[splits.train],
         y_train=data.y_train[splits.train], x_val=data.x_train[splits.val], y_val=data.y_train[splits.val],
         device=device, generator=gen, resume_path=member_dir / RESUME_FILE, settings={"seed": int(seed), "victim_sha256": victim_sha},
-        desc=f"misleader {name}",
+        desc=f"misleader {name}", decoy_bank_dir=decoy_bank_dir,
     )
     d.load_state_dict(res.defense_state)
     meta = {"dataset": victim_meta["dataset"], "num_classes": k, "input_shape": list(shape),
@@ -202,6 +203,7 @@ def defend_misleader(
     generator_samples: int = 256,
     force: bool = False,
     base: str | Path | None = None,
+    decoy_bank_dir: str | Path | None = None,
 ) -> dict[str, Any]:
     """Train a MISLEADER ensemble against the victim folder ``victim`` and write it to ``out``.
 
@@ -228,6 +230,8 @@ def defend_misleader(
         base: must be ``None`` or the victim folder itself: MISLEADER distils the victim, it cannot
             wrap another defense. To compose, write this folder first and pass it as ``--base`` to
             the next (output) defense.
+        decoy_bank_dir: where the decoy variant's stored banks are (members whose decoy settings list
+            ``extra_banks``); not part of the settings (the banks are named by their sha256 there).
 
     Returns:
         The ``result.json`` dict (``test_accuracy``, ``victim_test_accuracy``, ``fidelity``,
@@ -297,7 +301,8 @@ def defend_misleader(
         ens = Path(member_of)
         name = names[0]
         result = _train_one(name=name, cfg=configs[0], seed=seed, member_dir=out, teacher=teacher,
-                            victim_meta=vmeta, victim_sha=sha, data=data, splits=splits, device=dev)
+                            victim_meta=vmeta, victim_sha=sha, data=data, splits=splits, device=dev,
+                            decoy_bank_dir=None if decoy_bank_dir is None else Path(decoy_bank_dir))
         _publish(out, ens / "members" / name, fingerprints[0])
         plan_path = ens / "plan.json"
         if plan_path.exists():
@@ -310,7 +315,8 @@ def defend_misleader(
     write_json(out / "plan.json", plan)
     for name, cfg in zip(names, configs):
         _train_one(name=name, cfg=cfg, seed=seed, member_dir=out / "members" / name, teacher=teacher,
-                   victim_meta=vmeta, victim_sha=sha, data=data, splits=splits, device=dev)
+                   victim_meta=vmeta, victim_sha=sha, data=data, splits=splits, device=dev,
+                   decoy_bank_dir=None if decoy_bank_dir is None else Path(decoy_bank_dir))
     return _assemble(out, plan, victim_dir=victim_dir, teacher=teacher, victim_meta=vmeta, data=data, device=dev,
                      t_start=t_start)
 

@@ -327,6 +327,7 @@ def train_member(
     settings: dict[str, Any] | None = None,
     desc: str = "member",
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
+    decoy_bank_dir: str | Path | None = None,
 ) -> MemberResult:
     """Train one MISLEADER member (Algorithm 1) and select it on the validation split.
 
@@ -343,6 +344,7 @@ def train_member(
         settings: what else defines the run besides ``config`` (e.g. the seed and the victim's
             sha256); a resume state written with another ``config`` or ``settings`` is refused.
         on_epoch: called with each history row.
+        decoy_bank_dir: where the decoy variant's stored banks are (its ``extra_banks``; none by default).
 
     Returns:
         :class:`MemberResult`: the best-validation member and the clone of that epoch (and the last
@@ -365,6 +367,7 @@ def train_member(
         from misleader.defenses.misleader.decoy import make_decoy_trainer
 
         trainer = make_decoy_trainer(decoy=cfg.decoy, teacher=teacher, input_shape=tuple(x_train.shape[1:]),
+                                     bank_dir=decoy_bank_dir,
                                      generator=make_generator(derive_seed(generator)), **common)
     else:
         trainer = MemberTrainer(**common)
