@@ -2,7 +2,7 @@
 
 Score one candidate (one process each, so that they run in parallel):
     PYTHONPATH=src python bench/decoy_select.py score --victim runs/v_mnist --target runs/d_decoy \
-        --queries 20000 --out runs/select/d_decoy.json
+        --queries 1000000 --out runs/select/d_decoy.json
 Combine the scores and apply the rule (misleader.defenses.misleader.decoy_select.select_candidate):
     PYTHONPATH=src python bench/decoy_select.py combine runs/select/*.json --victim runs/v_mnist \
         --out docs/results/decoy/selection.json
@@ -27,7 +27,7 @@ def main() -> None:
     ap.add_argument("files", nargs="*")
     ap.add_argument("--victim", required=True)
     ap.add_argument("--target")
-    ap.add_argument("--queries", type=int, default=20_000)
+    ap.add_argument("--queries", type=int, default=1_000_000)
     ap.add_argument("--tolerance", type=float, default=0.003)
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
@@ -44,8 +44,8 @@ def main() -> None:
     chosen = select_candidate(scores, victim_val_accuracy=v_acc, tolerance=a.tolerance)
     write_json(a.out, {"chosen": chosen["target"], "scores": scores, "victim_val_accuracy": v_acc,
                        "tolerance": a.tolerance,
-                       "rule": "lowest held-out clone validation accuracy among candidates with validation utility "
-                               ">= victim - tolerance (test set never used)"})
+                       "rule": "lowest held-out clone validation accuracy after the best relabelling among candidates "
+                               "with validation utility >= victim - tolerance (test set never used)"})
     print(json.dumps({"chosen": chosen["target"], "victim_val_accuracy": v_acc, "scores": scores}, indent=1))
 
 

@@ -134,6 +134,20 @@ def test_select_candidate_rule():
     assert select_candidate(s, victim_val_accuracy=0.99, tolerance=0.006)["target"] == "b"
     assert select_candidate(s, victim_val_accuracy=0.99, tolerance=0.001)["target"] == "a"
     assert select_candidate(s, victim_val_accuracy=0.999, tolerance=0.001)["target"] == "a"  # none qualifies
+    # a permutation decoy whose clone is consistently wrong is judged by what a relabelling gives back
+    s2 = [{"target": "perm", "val_accuracy": 0.99, "heldout_clone_val_accuracy": 0.01,
+           "heldout_clone_val_accuracy_relabelled": 0.9},
+          {"target": "collapse", "val_accuracy": 0.99, "heldout_clone_val_accuracy": 0.1,
+           "heldout_clone_val_accuracy_relabelled": 0.12}]
+    assert select_candidate(s2, victim_val_accuracy=0.99)["target"] == "collapse"
+
+
+def test_relabelled_accuracy_undoes_a_permutation_but_not_a_collapse():
+    from misleader.metrics import relabelled_accuracy
+
+    y = torch.arange(10).repeat(20)
+    assert relabelled_accuracy(torch.tensor([9, 4, 8, 5, 0, 1, 7, 2, 6, 3])[y], y, num_classes=10) == 1.0
+    assert relabelled_accuracy(torch.tensor([4, 4, 4, 4, 1, 1, 1, 1, 4, 4])[y], y, num_classes=10) == pytest.approx(0.2)
 
 
 def test_select_scores_on_validation_with_the_defenders_own_dfme(tiny_victim, tmp_path, monkeypatch):

@@ -29,58 +29,9 @@ from misleader.attacks.base import AttackResult, Evaluator, register_attack
 from misleader.attacks.dfme import DFME
 from misleader.attacks.dfme_adaptive import WrapsDFME
 from misleader.errors import MisleaderError
+from misleader.metrics import best_permutation
 from misleader.oracle import Oracle
 from misleader.utils import derive_seed, make_generator
-
-
-def best_permutation(score: torch.Tensor) -> list[int]:
-    """The assignment ``sigma`` maximising ``sum_a score[a, sigma[a]]`` (Hungarian method, O(K^3)).
-
-    Args:
-        score: (K, K) weights, e.g. ``score[a, b]`` = how often clone class ``a`` meets oracle class ``b``.
-
-    Returns:
-        ``sigma`` as a list: a permutation of ``range(K)``.
-
-    Example:
-        >>> best_permutation(torch.tensor([[0., 5.], [4., 1.]]))
-        [1, 0]
-    """
-    cost = (-score.double()).tolist()
-    k = len(cost)
-    inf = float("inf")
-    u, v = [0.0] * (k + 1), [0.0] * (k + 1)
-    match, way = [0] * (k + 1), [0] * (k + 1)  # match[col] = row (1-based; 0 = free)
-    for row in range(1, k + 1):
-        match[0], col0 = row, 0
-        minv, used = [inf] * (k + 1), [False] * (k + 1)
-        while True:
-            used[col0] = True
-            r, delta, col1 = match[col0], inf, 0
-            for j in range(1, k + 1):
-                if not used[j]:
-                    cur = cost[r - 1][j - 1] - u[r] - v[j]
-                    if cur < minv[j]:
-                        minv[j], way[j] = cur, col0
-                    if minv[j] < delta:
-                        delta, col1 = minv[j], j
-            for j in range(k + 1):
-                if used[j]:
-                    u[match[j]] += delta
-                    v[j] -= delta
-                else:
-                    minv[j] -= delta
-            col0 = col1
-            if match[col0] == 0:
-                break
-        while col0:
-            col1 = way[col0]
-            match[col0] = match[col1]
-            col0 = col1
-    sigma = [0] * k
-    for col in range(1, k + 1):
-        sigma[match[col] - 1] = col - 1
-    return sigma
 
 
 def relabel_last_layer(clone: nn.Module, sigma: list[int], *, check: torch.Tensor) -> None:
