@@ -68,6 +68,11 @@ class MaxPool2x2(nn.MaxPool2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
         if x.device.type != "cpu" or x.ndim != 4 or x.shape[-2] < 2 or x.shape[-1] < 2:
             return super().forward(x)
+        if not (torch.is_grad_enabled() and x.requires_grad):  # no backward: the same maxima, without the Function
+            # (plain tensor operations, so that torch.jit.trace can record them for serving)
+            h, w = x.shape[-2] // 2 * 2, x.shape[-1] // 2 * 2
+            top = torch.maximum(x[..., 0:h:2, 0:w:2], x[..., 0:h:2, 1:w:2])
+            return torch.maximum(top, torch.maximum(x[..., 1:h:2, 0:w:2], x[..., 1:h:2, 1:w:2]))
         return _MaxPool2x2Function.apply(x)
 
 

@@ -40,7 +40,7 @@ def load_members(path: str | Path, *, device: torch.device | str = "cpu") -> lis
 
 
 def open_accounted(path: str | Path, *, output: OutputMode = "probs", budget: int | None = None,
-                   device: str | torch.device = "cpu") -> tuple[Oracle, Accountant]:
+                   device: str | torch.device = "cpu", trace: bool = False) -> tuple[Oracle, Accountant]:
     """Open ``path`` as an oracle and return it with its accountant (for the attack harness only).
 
     Args:
@@ -48,6 +48,8 @@ def open_accounted(path: str | Path, *, output: OutputMode = "probs", budget: in
         output: ``"probs"`` or ``"labels"``.
         budget: query budget, a non-negative int (``None``: unlimited).
         device: where the models run (``auto``, ``cpu``, ``cuda``).
+        trace: run the models as ``torch.jit.trace`` recordings where they give the same answers
+            (:func:`misleader.oracle.pipeline.traced`; the gateway's choice).
     """
     import misleader.defenses  # noqa: F401  (registers every defense's steps)
     from misleader.oracle.pipeline import PipelineOracle, build_pipeline
@@ -55,7 +57,7 @@ def open_accounted(path: str | Path, *, output: OutputMode = "probs", budget: in
     acct = Accountant(check_budget(budget))
     dev = resolve_device(device)
     target = read_target(path)
-    pipeline = build_pipeline(target, device=dev)
+    pipeline = build_pipeline(target, device=dev, trace=trace)
     oracle = PipelineOracle(pipeline, num_classes=target.num_classes, input_shape=target.input_shape,
                             output=output, device=dev, accountant=acct)
     return oracle, acct

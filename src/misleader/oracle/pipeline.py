@@ -126,8 +126,39 @@ def folder_generator(seed: int, device: torch.device) -> torch.Generator:
     return g.manual_seed(int(seed))
 
 
-def model_loader(target: Target, *, device: torch.device) -> Callable[[str], nn.Module]:
-    """``load(name) -> nn.Module`` for the target's models (checked, cached; eval mode, on ``device``)."""
+def traced(model: nn.Module, *, input_shape: Sequence[int], device: torch.device) -> nn.Module:
+    """``model`` recorded by ``torch.jit.trace`` when that gives the same answers, else ``model`` itself.
+
+    A traced module runs its whole forward pass in C++, without taking Python's GIL between operations, so a
+    server's other threads (HTTP, the store) do not hold up its forward passes. It runs the same operations (not
+    frozen, not fused), and it is kept only if it answers probe batches (random, all-zero, all-one, of several
+    sizes) bit for bit like ``model``.
+    """
+    import warnings
+
+    probe = torch.rand(3, *input_shape, generator=torch.Generator().manual_seed(0)).to(device)
+    try:
+        # (the input shape is fixed, so shape tests recorded as constants are right; torch.jit is deprecated in favour
+        # of torch.compile, which costs a compilation per model and process: a later torch without it falls back)
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", category=torch.jit.TracerWarning)
+            warnings.simplefilter("ignore", category=DeprecationWarning)
+            tm = torch.jit.trace(model, probe, check_trace=False)
+            checks = (probe, probe[:1], torch.zeros_like(probe), torch.ones_like(probe[:2]),
+                      torch.cat([probe, 1 - probe]))
+            same = all(torch.equal(tm(p), model(p)) for p in checks)
+    except Exception as exc:  # noqa: BLE001 - an untraceable model is served as it is
+        log.info("model not traced (%s: %s): served in eager mode", type(exc).__name__, exc)
+        return model
+    if not same:
+        log.info("traced model answers differently from the model: served in eager mode")
+        return model
+    return tm
+
+
+def model_loader(target: Target, *, device: torch.device, trace: bool = False) -> Callable[[str], nn.Module]:
+    """``load(name) -> nn.Module`` for the target's models (checked, cached; eval mode, on ``device``; with
+    ``trace``, :func:`traced`)."""
     from misleader.training.checkpoint import load_model
 
     cache: dict[str, nn.Module] = {}
@@ -144,15 +175,16 @@ def model_loader(target: Target, *, device: torch.device) -> Callable[[str], nn.
                     f"{target.folder}: model {name!r} answers {meta['num_classes']} classes for input "
                     f"{meta['input_shape']}, the manifest says {target.num_classes} and {list(target.input_shape)}: "
                     "re-create the folder")
-            cache[name] = model.eval()
+            cache[name] = traced(model.eval(), input_shape=target.input_shape, device=device) if trace else model.eval()
         return cache[name]
 
     return load
 
 
-def build_pipeline(target: Target, *, device: torch.device) -> Pipeline:
-    """The :class:`Pipeline` a target folder serves (models checked, generator seeded per folder)."""
-    load = model_loader(target, device=device)
+def build_pipeline(target: Target, *, device: torch.device, trace: bool = False) -> Pipeline:
+    """The :class:`Pipeline` a target folder serves (models checked, generator seeded per folder; ``trace``: models
+    recorded with :func:`traced`)."""
+    load = model_loader(target, device=device, trace=trace)
     ctx = StepContext(folder=Path(target.folder), device=device, generator=folder_generator(target.seed, device),
                       num_classes=target.num_classes, input_shape=target.input_shape, load_model=load)
 

@@ -62,7 +62,9 @@ class ServedModel:
         self.input_shape = tuple(target.input_shape)
         self.num_classes = int(target.num_classes)
         self.output = output
-        self._oracle, self._acct = open_accounted(folder, output=output, budget=None, device=device)
+        # traced models: a forward pass without the GIL between its operations (the same answers; see
+        # misleader.oracle.pipeline.traced), so that request threads do not hold up the model's passes
+        self._oracle, self._acct = open_accounted(folder, output=output, budget=None, device=device, trace=True)
         self._lock = threading.Lock()  # stochastic steps share one generator: one pass at a time
         self._queue_lock = threading.Lock()
         self._queue: list[_Pending] = []
