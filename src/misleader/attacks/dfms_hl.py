@@ -70,6 +70,13 @@ Deviations from the reference code:
       same images: same values; D's BatchNorm running statistics, which nothing reads, are updated
       once per iteration instead of twice).
     * Randomness comes from the ``torch.Generator`` given to :meth:`DFMSHL.run`.
+
+Precision on CPU (``cpu_bf16``, as DFME's): ``None`` ("auto") runs the DCGAN's generator and discriminator forwards
+(and so their backwards) under bfloat16 autocast on a CPU with native bfloat16 arithmetic (AMX or AVX512-BF16); the
+clone learns and is scored in float32, and every loss is computed in float32. ``True`` / ``False`` force it. The GAN is
+most of a stage-4 iteration's arithmetic (issue 10: 0.185 CPU-s per iteration in float32 on one AMD EPYC core, so a
+1M-query run took 52 CPU-minutes). bf16 rounding changes the numbers: the same seed gives the same run on the same kind
+of CPU; ``extra["cpu_bf16"]`` records what was used.
 """
 
 from __future__ import annotations
@@ -87,6 +94,7 @@ from torch import nn
 
 from misleader.attacks.accounting import QueryLedger, device_generator
 from misleader.attacks.base import Attack, AttackResult, Evaluator, check_range, register_attack
+from misleader.attacks.dfme import cpu_has_bf16
 from misleader.data.loader import to_unit
 from misleader.errors import MisleaderError
 from misleader.models.generators import DCGANDiscriminator, DCGANGenerator, tanh_to_unit
@@ -160,6 +168,7 @@ class DFMSHLConfig:
     pad: int = 4
     flip: bool = True
     amp: bool = True
+    cpu_bf16: bool | None = None
 
     def __post_init__(self) -> None:
         check_range("dfms-hl", self, positive=("batch_size", "nz", "ngf", "ndf", "pretrain_batch", "gan_lr",
@@ -418,6 +427,13 @@ class DFMSHL(Attack):
 
         g_params, d_params = list(netg.parameters()), list(netd.parameters())
 
+        use_bf16 = dev.type == "cpu" and (cpu_has_bf16() if cfg.cpu_bf16 is None else cfg.cpu_bf16)
+
+        def gan_precision() -> Any:
+            """The mixed precision of the DCGAN's forwards (and so of their backwards): bfloat16 autocast on a CPU
+            with native bfloat16 arithmetic (``use_bf16``), else the CUDA AMP of ``amp``. The clone is never in it."""
+            return torch.autocast("cpu", dtype=torch.bfloat16) if use_bf16 else autocast(dev, cfg.amp)
+
         def d_step(real_pm1: torch.Tensor, fake_pm1: torch.Tensor, *,
                    out_fake: torch.Tensor | None = None) -> torch.Tensor:
             """Discriminator: BCE(D(real), 1) + BCE(D(fake), 0); images in [-1, 1].
@@ -426,7 +442,7 @@ class DFMSHL(Attack):
             D weights (only D's parameters get gradients).
             """
             n = len(real_pm1)
-            with autocast(dev, cfg.amp):
+            with gan_precision():
                 out_real = netd(real_pm1).float()
                 if out_fake is None:
                     out_fake = netd(fake_pm1.detach()).float()
@@ -454,11 +470,11 @@ class DFMSHL(Attack):
         netd.train()
         for _ in range(cfg.gan_epochs * steps_per_epoch):
             real = next(reals)
-            with autocast(dev, cfg.amp):
+            with gan_precision():
                 fake = netg(z(cfg.batch_size)).float()
             d_step(real, fake)
             netd.requires_grad_(False)
-            with autocast(dev, cfg.amp):
+            with gan_precision():
                 out = netd(fake)
             loss_g = bce(out.float(), ones)  # BCE is not autocast-safe: compute it in float32
             opt_g.zero_grad(set_to_none=True)
@@ -475,7 +491,7 @@ class DFMSHL(Attack):
             with torch.no_grad():
                 parts = []
                 for s in range(0, cfg.val_size, 1024):
-                    with autocast(dev, cfg.amp):
+                    with gan_precision():
                         fakes = netg(z(min(1024, cfg.val_size - s))).float()
                     parts.append(tanh_to_unit(fakes).clamp_(0, 1))
             x_val = torch.cat(parts)
@@ -489,7 +505,7 @@ class DFMSHL(Attack):
             netg.eval()
             with torch.no_grad():
                 for s in range(0, cfg.pretrain_fake, 1024):
-                    with autocast(dev, cfg.amp):
+                    with gan_precision():
                         fakes = netg(z(min(1024, cfg.pretrain_fake - s))).float()
                     xs.append(tanh_to_unit(fakes).clamp_(0, 1))
             x_pre = torch.cat(xs)
@@ -530,7 +546,7 @@ class DFMSHL(Attack):
         loss_c = loss_g_adv = loss_div = torch.full((), float("nan"), device=dev)  # host sync only when reported
         for it in range(iterations):
             real = next(reals)
-            with autocast(dev, cfg.amp):
+            with gan_precision():
                 fake = netg(z(cfg.batch_size)).float()  # [-1, 1], keeps the graph for the G step
             # clone step on augmented fakes labelled by the victim
             x_q = self._augment(tanh_to_unit(fake.detach()).clamp_(0, 1), gen_cpu)
@@ -550,8 +566,10 @@ class DFMSHL(Attack):
             # each backward is restricted to its own model's parameters (``inputs=``)
             clone.eval()
             clone.requires_grad_(False)
+            with gan_precision():
+                out_d = netd(fake).float()
             with autocast(dev, cfg.amp):
-                out_d, out_c = netd(fake).float(), clone(tanh_to_unit(fake))
+                out_c = clone(tanh_to_unit(fake))
             adv = bce(out_d, ones)
             div = diversity_loss(out_c.float(), temperature=cfg.temperature)
             loss_gen = adv + cfg.diversity_weight * div
@@ -584,5 +602,5 @@ class DFMSHL(Attack):
             extra={"pretrain_queries": n_pretrain_spent, "iterations": iterations, "proxy_images": len(proxy),
                    "val_queries": cfg.val_size, "selected": selected, "warmup_iterations": warm,
                    "unused_queries": budget - spent, "loss_clone": float(loss_c), "loss_adv": float(loss_g_adv),
-                   "loss_div": float(loss_div), "num_classes": k, "preset": self.preset},
+                   "loss_div": float(loss_div), "num_classes": k, "preset": self.preset, "cpu_bf16": use_bf16},
         )
