@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from misleader.defenses.base import DefenseSpec, register_defense
-from misleader.defenses.misleader.decoy import FAMILIES, RELABELS, DecoyConfig, random_collapse, random_derangement
+from misleader.defenses.misleader.decoy import RELABELS, DecoyConfig, random_collapse, random_derangement
 from misleader.defenses.misleader_cli import _csv, _float_list, _per_member, _positive_int
 from misleader.defenses.misleader_cli import add_arguments as _misleader_arguments
 from misleader.defenses.misleader_cli import params_from_args as _misleader_params
