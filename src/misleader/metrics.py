@@ -48,6 +48,8 @@ def best_permutation(score: torch.Tensor) -> list[int]:
         >>> best_permutation(torch.tensor([[0., 5.], [4., 1.]]))
         [1, 0]
     """
+    if not bool(torch.isfinite(score).all()):
+        raise ValueError("best_permutation needs finite scores (a NaN or inf would never let the search end)")
     cost = (-score.double()).tolist()
     k = len(cost)
     inf = float("inf")

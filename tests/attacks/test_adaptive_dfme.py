@@ -220,3 +220,8 @@ def test_wrapped_dfme_learns_the_targets_dataset():
         atk = cls()
         atk.adapt_to_target(meta)
         assert atk._dfme._target["dataset"] == "mnist" and atk.dfme["preset"] == "small"
+
+
+def test_best_permutation_refuses_non_finite_scores():
+    with pytest.raises(ValueError, match="finite"):
+        best_permutation(torch.full((3, 3), float("nan")))

@@ -21,6 +21,7 @@ import misleader.defenses  # noqa: F401  (registers every defense and its steps)
 from misleader import load_oracle
 from misleader.defenses.base import DEFENSES, defense_spec
 from misleader.models import create_model
+from misleader.oracle.load import open_accounted
 from misleader.oracle.manifest import read_target
 from misleader.oracle.pipeline import Pipeline, build_pipeline, build_steps
 from misleader.oracle.steps import STEPS, BackendStep, GateStep, InputStep, OutputStep, StepContext
@@ -65,6 +66,9 @@ def test_defense_conformance(name, tiny_victim, tmp_path):
     a, b = load_oracle(out).query(x), load_oracle(out).query(x)
     assert_simplex(a, N)
     assert torch.equal(a, b), f"{name}: reopening the folder with the same seed changed its answers"
+    # the gateway opens folders with traced backend models: the same answers, every step still built
+    served, _ = open_accounted(out, trace=True)
+    assert torch.equal(served.query(x), a), f"{name}: the gateway's traced pipeline answers differently"
     labels = load_oracle(out, output="labels").query(x)
     assert labels.shape == (N,) and labels.dtype == torch.int64
     target = read_target(out)

@@ -267,6 +267,10 @@ def test_refresh_rounds_grow_the_bank_with_the_defenders_dfme_and_publish_the_la
     x = torch.rand(16, *load_oracle(out).input_shape, generator=torch.Generator().manual_seed(0))
     assert torch.equal(load_oracle(out).query(x), load_oracle(out / "rounds" / "r1").query(x))
     assert not torch.equal(load_oracle(out).query(x), load_oracle(out / "rounds" / "r0").query(x))
+    from misleader.oracle.manifest import read_target
+
+    assert read_target(out).models["victim"].sidecar == read_target(out / "rounds" / "r1").models["victim"].sidecar
+    assert read_target(out).models["victim"].sidecar.exists()
     # a rerun resumes (nothing retrained) and other refresh settings are refused
     stamp = (out / "result.json").stat().st_mtime_ns
     assert spec(victim=tiny_victim, base=None, out=out, data_dir=None, seed=3, device="cpu", force=False,

@@ -188,10 +188,12 @@ build.check_params = check_params  # type: ignore[attr-defined]
 MISLEADER_DECOY = register_defense(DefenseSpec(
     name="misleader-decoy", build=build, add_arguments=add_arguments, params_from_args=params_from_args,
     paper=PAPER_URL,
-    help="MISLEADER + decoy term: secretly relabelled answers on generator-like inputs (issue 11)",
+    help="MISLEADER + decoy term: secretly relabelled (permuted or collapsed) answers on generator-like inputs",
     description="Train a MISLEADER ensemble whose members also learn mu * KL(q || d) on a bank of images from "
                 "randomly initialised DFME / DCGAN generators, q being the victim's softmax relabelled by a secret "
-                "derangement (drawn from --seed, shared by all members, stored only in the folder's private files). "
+                "derangement or, with --relabel collapse, a secret map onto a few classes (drawn from --seed, shared by "
+                "all members, stored only in the folder's private files); --refresh-rounds grows the bank with the "
+                "defender's own DFME queries. "
                 "Honest users on real images get the distilled answers; a data-free attacker copies the relabelled "
                 "function. Same folder layout and flags as `misleader defend misleader`, plus --mu and the bank's.\n\n"
                 "example: misleader defend misleader-decoy --victim runs/v_mnist --preset mnist-cpu --mu 1 "

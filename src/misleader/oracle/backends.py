@@ -59,7 +59,7 @@ class ModelBackend(BackendStep):
         name = spec.get("model")
         if not isinstance(name, str):
             raise MisleaderError(f"backend step 'model': 'model' must be a model name, got {name!r}")
-        return cls(ctx.load_model(name), name=name, device=ctx.device)
+        return cls(ctx.forward_model(name), name=name, device=ctx.device)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         logits = self.__model(x.to(self.__device, non_blocking=True).float())
@@ -89,7 +89,7 @@ class EnsembleBackend(BackendStep):
         names = _names(spec, "models")
         weights = spec.get("weights")
         normalised_weights(weights, len(names))  # validate before loading anything
-        return cls([ctx.load_model(n) for n in names], names=names, weights=weights, device=ctx.device)
+        return cls([ctx.forward_model(n) for n in names], names=names, weights=weights, device=ctx.device)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.__device, non_blocking=True).float()

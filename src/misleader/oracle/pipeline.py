@@ -156,9 +156,8 @@ def traced(model: nn.Module, *, input_shape: Sequence[int], device: torch.device
     return tm
 
 
-def model_loader(target: Target, *, device: torch.device, trace: bool = False) -> Callable[[str], nn.Module]:
-    """``load(name) -> nn.Module`` for the target's models (checked, cached; eval mode, on ``device``; with
-    ``trace``, :func:`traced`)."""
+def model_loader(target: Target, *, device: torch.device) -> Callable[[str], nn.Module]:
+    """``load(name) -> nn.Module`` for the target's models (checked, cached; eval mode, on ``device``)."""
     from misleader.training.checkpoint import load_model
 
     cache: dict[str, nn.Module] = {}
@@ -175,18 +174,29 @@ def model_loader(target: Target, *, device: torch.device, trace: bool = False) -
                     f"{target.folder}: model {name!r} answers {meta['num_classes']} classes for input "
                     f"{meta['input_shape']}, the manifest says {target.num_classes} and {list(target.input_shape)}: "
                     "re-create the folder")
-            cache[name] = traced(model.eval(), input_shape=target.input_shape, device=device) if trace else model.eval()
+            cache[name] = model.eval()
         return cache[name]
 
     return load
 
 
 def build_pipeline(target: Target, *, device: torch.device, trace: bool = False) -> Pipeline:
-    """The :class:`Pipeline` a target folder serves (models checked, generator seeded per folder; ``trace``: models
-    recorded with :func:`traced`)."""
-    load = model_loader(target, device=device, trace=trace)
+    """The :class:`Pipeline` a target folder serves (models checked, generator seeded per folder; ``trace``: on a CPU,
+    the models of the ``model`` and ``ensemble`` backends are :func:`traced` copies; steps that need gradients or
+    look inside a model, such as MAD, GRAD2 or DNF's exits, get the model itself)."""
+    load = model_loader(target, device=device)
+    forward = None
+    if trace and device.type == "cpu":  # (on CUDA the JIT's executor may fuse operations later: not bit for bit)
+        cache: dict[str, nn.Module] = {}
+
+        def forward(name: str) -> nn.Module:
+            if name not in cache:
+                cache[name] = traced(load(name), input_shape=target.input_shape, device=device)
+            return cache[name]
+
     ctx = StepContext(folder=Path(target.folder), device=device, generator=folder_generator(target.seed, device),
-                      num_classes=target.num_classes, input_shape=target.input_shape, load_model=load)
+                      num_classes=target.num_classes, input_shape=target.input_shape, load_model=load,
+                      load_forward_model=forward)
 
     def build_branch(entries: list[dict[str, Any]]) -> Callable[[torch.Tensor], torch.Tensor]:
         return Pipeline(build_steps(entries, ctx=ctx))

@@ -70,6 +70,14 @@ class StepContext:
     load_model: Callable[[str], nn.Module]
     build_branch: Callable[[list[dict[str, Any]]], Callable[[torch.Tensor], torch.Tensor]] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    #: ``load_forward_model(name)``: the same model for forward passes only (no gradients, no look inside it): the
+    #: ``model`` and ``ensemble`` backends use it; the gateway makes it a traced copy
+    #: (:func:`misleader.oracle.pipeline.traced`). ``None``: :attr:`load_model`.
+    load_forward_model: Callable[[str], nn.Module] | None = None
+
+    def forward_model(self, name: str) -> nn.Module:
+        """:attr:`load_forward_model` (else :attr:`load_model`) of ``name``."""
+        return (self.load_forward_model or self.load_model)(name)
 
 
 class Step(ABC):

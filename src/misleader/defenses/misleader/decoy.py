@@ -71,9 +71,10 @@ def random_collapse(k: int, m: int, *, generator: torch.Generator) -> list[int]:
     The ``m`` targets are drawn at random; each class goes to a random target other than itself, and every
     target is used. Unlike a derangement the map cannot be undone: it merges classes.
     """
-    if not 2 <= m < k:
-        raise MisleaderError(f"a collapsing decoy map needs 2 <= decoy_classes < {k} classes, got {m}")
-    while True:
+    if not 2 <= m <= k // 2:
+        raise MisleaderError(f"a collapsing decoy map needs 2 <= decoy_classes <= {k // 2} (half the {k} classes), "
+                             f"got {m}")
+    while True:  # rejection: with m <= k / 2 a draw uses every target with probability well above 1 / 2
         targets = [int(t) for t in torch.randperm(k, generator=generator)[:m]]
         pick = torch.randint(2**31 - 1, (k,), generator=generator).tolist()
         out = []
@@ -139,8 +140,9 @@ class DecoyConfig:
             problems.append(f"relabel must be one of {', '.join(RELABELS)}, got {self.relabel!r}")
         elif self.relabel == "permutation" and not is_derangement(list(self.perm)):
             problems.append(f"perm must be a permutation of 0..K-1 without fixed points, got {list(self.perm)}")
-        elif self.relabel == "collapse" and (k < 3 or any(not 0 <= int(v) < k or int(v) == i for i, v in enumerate(self.perm))
-                                             or not 2 <= len(set(self.perm)) < k):
+        elif self.relabel == "collapse" and (
+                k < 3 or not 2 <= len(set(self.perm)) < k
+                or any(not 0 <= int(v) < k or int(v) == i for i, v in enumerate(self.perm))):
             problems.append(f"perm must map 0..K-1 onto 2..K-1 classes without fixed points, got {list(self.perm)}")
         if not self.mu >= 0:
             problems.append(f"mu must be >= 0, got {self.mu}")

@@ -24,7 +24,8 @@ DFME queries, and the seeds are disjoint from the evaluation attacks' (0, 1, 2, 
 (:data:`misleader.defenses.misleader.decoy_select.DEFENDER_SEED`).
 
 Resumable: the folder's fingerprint covers every setting; a finished round (its folder's ``result.json``) and a
-stored bank (``rounds/r<r>.bank.json``) are reused on a rerun.
+stored bank (``rounds/r<r>.bank.json``) are reused on a rerun, and an interrupted round's members resume from their
+last epoch; an interrupted refresh DFME run starts again from its first query.
 """
 
 from __future__ import annotations
@@ -42,19 +43,20 @@ from misleader.utils import read_json, write_json
 
 log = logging.getLogger(__name__)
 
-#: the defender's refresh DFME seeds start here (selection: 10,000; evaluation attacks: small seeds)
+#: the defender's refresh DFME seeds start here (selection: 10,000; evaluation attacks: small seeds): round ``r`` of a
+#: defense with seed ``s`` runs DFME with seed ``REFRESH_SEED + r + 100 * s`` (its sample positions: that seed + 1)
 REFRESH_SEED = 20_000
+#: rounds at most (the seeds above stay distinct between rounds and defense seeds)
+MAX_ROUNDS = 99
 
 
 def record_dfme(target: Path, *, victim_meta: dict[str, Any], budget: int, sample: int, seed: int,
-                data_dir: str | Path | None, device: str) -> tuple[torch.Tensor, float, float]:
-    """The defender's DFME against ``target``: ``(sampled queries (sample, C, H, W), clone val accuracy, seconds)``."""
+                data_dir: str | Path | None, device: str) -> tuple[torch.Tensor, torch.nn.Module, float]:
+    """The defender's DFME against ``target``: ``(sampled queries (sample, C, H, W), its clone (eval mode), seconds)``."""
     from misleader.attacks.dfme import DFME
-    from misleader.defenses.misleader.decoy_select import _val_accuracy
     from misleader.detect.evaluate import RecordingOracle
     from misleader.models import create_model
     from misleader.oracle.load import open_accounted
-    from misleader.training.victim import load_target_data
     from misleader.utils import make_generator, resolve_device
 
     dev = resolve_device(device)
@@ -73,17 +75,37 @@ def record_dfme(target: Path, *, victim_meta: dict[str, Any], budget: int, sampl
     if acct.used != res.queries_used:
         raise RuntimeError(f"refresh DFME: accounting broke ({acct.used} counted, {res.queries_used} reported)")
     rows, _ = rec.stream()
+    return rows, res.clone.eval(), time.perf_counter() - t0
+
+
+def val_accuracy(model: torch.nn.Module, victim_meta: dict[str, Any], *, data_dir: str | Path | None) -> float:
+    """Top-1 accuracy of ``model`` on the victim's validation split (batches moved to the model's device)."""
+    from misleader.training.victim import load_target_data
+
     data, splits = load_target_data(victim_meta, data_dir=data_dir)
-    res.clone.eval()
-    acc = _val_accuracy(res.clone, data.x_train[splits.val], data.y_train[splits.val])
-    return rows, acc, time.perf_counter() - t0
+    dev = next(model.parameters()).device
+    x, y = data.x_train[splits.val], data.y_train[splits.val]
+    with torch.no_grad():
+        hits = sum(int((model((b.float() / 255.0).to(dev)).argmax(1).cpu() == t).sum())
+                   for b, t in zip(x.split(1000), y.split(1000)))
+    return hits / len(y)
 
 
 def _publish(round_dir: Path, out: Path) -> None:
     """Copy the last round's defense (members, manifest, plan, history) into ``out``; ``result.json`` is written by the
-    caller, last."""
+    caller, last. The manifest's victim reference (a path relative to its folder) is rewritten relative to ``out``."""
+    import os
+
     for child in round_dir.iterdir():
         if child.name in ("result.json", "fingerprint.json"):
+            continue
+        if child.name == "manifest.json":
+            manifest = read_json(child)
+            ref = manifest.get("victim")
+            if isinstance(ref, dict) and isinstance(ref.get("path"), str) and not Path(ref["path"]).is_absolute():
+                victim = (round_dir / ref["path"]).resolve()
+                manifest["victim"] = {**ref, "path": os.path.relpath(victim, out.resolve())}
+            write_json(out / "manifest.json", manifest)
             continue
         dest = out / child.name
         if child.is_dir():
@@ -116,13 +138,13 @@ def train_with_refresh(*, victim: str | Path, out: str | Path, seed: int, rounds
     from misleader.training.checkpoint import read_sidecar
     from misleader.training.resume import claim_run_dir
 
-    if rounds < 1 or budget < 1 or sample < 1:
-        raise MisleaderError(f"refresh rounds, budget and sample must be >= 1, got {rounds}, {budget}, {sample}")
+    if not 1 <= rounds <= MAX_ROUNDS or budget < 1 or sample < 1:
+        raise MisleaderError(f"refresh rounds must be in 1..{MAX_ROUNDS} and budget and sample >= 1, got {rounds}, "
+                             f"{budget}, {sample}")
     out = Path(out)
     settings = {"defense": "misleader-decoy", "refresh": {"rounds": rounds, "budget": budget, "sample": sample},
                 "seed": seed, "victim_sha256": read_sidecar(victim).get("sha256"),
-                "member_settings": [dict(s) for s in member_settings],
-                **{k: v for k, v in misleader_kw.items() if k != "generator_samples"}}
+                "member_settings": [dict(s) for s in member_settings], **misleader_kw}
     claim_run_dir(out, settings, force=force, command="misleader defend misleader-decoy --refresh-rounds")
     if (out / "result.json").exists():
         return read_json(out / "result.json")
@@ -149,11 +171,12 @@ def train_with_refresh(*, victim: str | Path, out: str | Path, seed: int, rounds
             if state.exists():
                 info = read_json(state)
             else:
-                dfme_seed = REFRESH_SEED + r + 100 * int(seed)
-                rows, acc, secs = record_dfme(rdir, victim_meta=vmeta, budget=budget, sample=sample, seed=dfme_seed,
-                                              data_dir=data_dir, device=device)
-                info = {"sha256": save_bank_file(rows, rounds_dir), "images": int(len(rows)), "dfme_seed": dfme_seed,
-                        "dfme_budget": budget, "defender_clone_val_accuracy": acc, "seconds": secs}
+                dfme_seed = REFRESH_SEED + r + 100 * seed
+                rows, clone, secs = record_dfme(rdir, victim_meta=vmeta, budget=budget, sample=sample, seed=dfme_seed,
+                                                data_dir=data_dir, device=device)
+                digest = save_bank_file(rows, rounds_dir)  # stored before anything else can fail
+                info = {"sha256": digest, "images": int(len(rows)), "dfme_seed": dfme_seed, "dfme_budget": budget,
+                        "defender_clone_val_accuracy": val_accuracy(clone, vmeta, data_dir=data_dir), "seconds": secs}
                 write_json(state, info)
             log.info("decoy refresh: the defender's DFME (%d queries) against round %d: clone %.1f %% on validation",
                      budget, r, 100 * info["defender_clone_val_accuracy"])
@@ -167,4 +190,4 @@ def train_with_refresh(*, victim: str | Path, out: str | Path, seed: int, rounds
     return result
 
 
-__all__ = ["REFRESH_SEED", "record_dfme", "train_with_refresh"]
+__all__ = ["MAX_ROUNDS", "REFRESH_SEED", "record_dfme", "train_with_refresh", "val_accuracy"]

@@ -39,7 +39,8 @@ DEFENDER_SEED = 10_000
 @torch.no_grad()
 def _val_accuracy(predict, x: torch.Tensor, y: torch.Tensor) -> float:  # noqa: ANN001
     xf = x.float() / 255.0
-    hits = sum(int((predict(b).argmax(1).cpu() == t).sum()) for b, t in zip(xf.split(1000), y.split(1000)))
+    dev = next(predict.parameters()).device if isinstance(predict, torch.nn.Module) else torch.device("cpu")
+    hits = sum(int((predict(b.to(dev)).argmax(1).cpu() == t).sum()) for b, t in zip(xf.split(1000), y.split(1000)))
     return hits / len(y)
 
 
@@ -76,8 +77,9 @@ def score_candidate(target: str | Path, *, victim: str | Path, data_dir: str | P
                      device=device)
     res.clone.eval()
     clone_acc = _val_accuracy(res.clone, x_val, y_val)
+    dev = next(res.clone.parameters()).device
     with torch.no_grad():
-        pred = torch.cat([res.clone(b).argmax(1).cpu() for b in (x_val.float() / 255.0).split(1000)])
+        pred = torch.cat([res.clone(b.to(dev)).argmax(1).cpu() for b in (x_val.float() / 255.0).split(1000)])
     relabelled = relabelled_accuracy(pred, y_val, num_classes=int(vmeta["num_classes"]))
     return {"target": str(target), "val_accuracy": val_acc, "heldout_clone_val_accuracy": clone_acc,
             "heldout_clone_val_accuracy_relabelled": relabelled, "queries": int(res.queries_used),
