@@ -297,3 +297,31 @@ def test_a_stored_bank_is_checked_before_use(tmp_path):
         load_bank_file(tmp_path, "0" * 64, shape=(1, 8, 8))
     with pytest.raises(MisleaderError, match="sha256"):
         DecoyConfig.from_dict(_decoy(extra_banks=["abc"]))
+
+
+# --------------------------------------------------------------------------- anchors
+
+def test_shift_batch_draws_each_shift_in_range_from_the_generator():
+    from misleader.defenses.misleader.decoy import shift_batch
+
+    x = torch.rand(64, 1, 32, 32, generator=torch.Generator().manual_seed(0))
+    a = shift_batch(x, generator=make_generator(1))
+    assert a.shape == x.shape and float(a.min()) >= 0 and float(a.max()) <= 1 and not torch.equal(a, x)
+    assert torch.equal(a, shift_batch(x, generator=make_generator(1)))
+    assert not torch.equal(a, shift_batch(x, generator=make_generator(2)))
+    # every image is changed; contrast and blur keep the mean (up to the clamp), noise does not keep the pixels
+    assert bool(((a - x).abs().flatten(1).amax(1) > 0).all())
+
+
+def test_anchors_distil_shifted_clean_images_and_leave_the_default_settings_alone(tiny_victim, tmp_path):
+    from misleader.defenses import defense_spec
+
+    assert "anchors" not in DecoyConfig.from_dict(_decoy()).to_dict()
+    spec = defense_spec("misleader-decoy")
+    out = tmp_path / "anc"
+    spec(victim=tiny_victim, base=None, out=out, data_dir=None, seed=3, device="cpu", force=False,
+         **{**spec.test_params, "anchors": True})
+    plan = json.loads((out / "plan.json").read_text())
+    assert all(c["decoy"]["anchors"] is True for c in plan["configs"])
+    hist = json.loads((out / "members" / "lenet5_fifth" / "history.json").read_text())
+    assert all(row.get("anchor_kd") is not None and row["anchor_kd"] > 0 for row in hist)

@@ -41,6 +41,9 @@ def add_arguments(m: argparse.ArgumentParser) -> None:
                         "with a few real images can undo it) or collapse (merges the classes into --decoy-classes)")
     m.add_argument("--decoy-classes", type=_positive_int, default=None,
                    help="with --relabel collapse: how many classes the decoy answers use (default 2)")
+    m.add_argument("--anchors", action="store_true",
+                   help="also distil the victim on shifted real images (lower contrast, blur, noise) so that honest "
+                        "users' shifted inputs keep their true answers instead of getting decoys")
     m.add_argument("--refresh-rounds", type=_positive_int, default=None, metavar="R",
                    help="refresh the bank R times with a sample of the defender's own DFME queries against the "
                         "previous round's ensemble, retraining each time (default: no refresh)")
@@ -60,6 +63,7 @@ def params_from_args(args: argparse.Namespace) -> dict[str, Any]:
         raise MisleaderError("misleader-decoy trains its members in one call: leave out --member-of")
     p.update(mu=args.mu, bank_size=args.bank_size, generators=args.bank_generators, families=args.bank_families,
              adversarial=True if args.adversarial else None, relabel=args.relabel, decoy_classes=args.decoy_classes,
+             anchors=True if args.anchors else None,
              refresh_rounds=args.refresh_rounds, refresh_budget=args.refresh_budget,
              refresh_sample=args.refresh_sample)
     return {k: v for k, v in p.items() if v is not None}
@@ -68,7 +72,7 @@ def params_from_args(args: argparse.Namespace) -> dict[str, Any]:
 def decoy_settings(*, victim_meta: dict[str, Any], seed: int, mu: float, bank_size: int | None = None,
                    generators: int | None = None, families: Sequence[str] | None = None,
                    bank_batch: int | None = None, adversarial: bool | None = None, relabel: str | None = None,
-                   decoy_classes: int | None = None) -> dict[str, Any]:
+                   decoy_classes: int | None = None, anchors: bool | None = None) -> dict[str, Any]:
     """One member's decoy dict: the secret map and bank seed drawn from ``seed`` (the same for every member)."""
     from misleader.defenses.misleader.folder import member_seed
     from misleader.utils import make_generator
@@ -88,7 +92,7 @@ def decoy_settings(*, victim_meta: dict[str, Any], seed: int, mu: float, bank_si
                          "mappings": mappings}
     for key, value in (("bank_size", bank_size), ("generators", generators), ("bank_batch", bank_batch),
                        ("families", list(families) if families is not None else None), ("adversarial", adversarial),
-                       ("relabel", relabel)):
+                       ("relabel", relabel), ("anchors", anchors)):
         if value is not None:
             d[key] = value
     return DecoyConfig.from_dict(d).to_dict()
@@ -98,14 +102,15 @@ def build(*, victim: Any, base: Any = None, out: Any, seed: int = 0, force: bool
           members: Sequence[str] | None = None, epochs: int | None = None, preset: str | None = None,
           mu: float | Sequence[float] | None = None, bank_size: int | None = None, generators: int | None = None,
           families: Sequence[str] | None = None, bank_batch: int | None = None, adversarial: bool | None = None,
-          relabel: str | None = None, decoy_classes: int | None = None, refresh_rounds: int | None = None,
-          refresh_budget: int | None = None, refresh_sample: int | None = None,
+          relabel: str | None = None, decoy_classes: int | None = None, anchors: bool | None = None,
+          refresh_rounds: int | None = None, refresh_budget: int | None = None, refresh_sample: int | None = None,
           member_settings: Sequence[dict] | None = None, **kwargs: Any) -> dict[str, Any]:
     """Train the decoy ensemble with :func:`~misleader.defenses.misleader.defend_misleader`; returns its result.json.
 
     ``mu``: one weight for all members or one per member (default 1). ``members`` / ``epochs`` default to the
     preset's (``preset`` default: the one for the victim's dataset). ``relabel``: ``"permutation"`` (default) or
     ``"collapse"`` onto ``decoy_classes`` classes (default 2); see :class:`~misleader.defenses.misleader.decoy.DecoyConfig`.
+    ``anchors``: also distil on shifted real images (:func:`~misleader.defenses.misleader.decoy.shift_batch`).
     ``refresh_rounds``: train in rounds whose banks grow with the defender's own DFME queries
     (:mod:`misleader.defenses.misleader.decoy_refresh`; ``refresh_budget`` queries per run, default 1M,
     ``refresh_sample`` of them kept, default 24,000).
@@ -129,7 +134,8 @@ def build(*, victim: Any, base: Any = None, out: Any, seed: int = 0, force: bool
     for s, m in zip(settings, mus):
         s["decoy"] = decoy_settings(victim_meta=vmeta, seed=seed, mu=1.0 if m is None else m, bank_size=bank_size,
                                     generators=generators, families=families, bank_batch=bank_batch,
-                                    adversarial=adversarial, relabel=relabel, decoy_classes=decoy_classes)
+                                    adversarial=adversarial, relabel=relabel, decoy_classes=decoy_classes,
+                                    anchors=anchors)
     if refresh_rounds:
         from misleader.defenses.misleader.decoy_refresh import train_with_refresh
 
@@ -152,7 +158,7 @@ def check_params(*, members: Sequence[str] | None = None, epochs: int | None = N
                  mu: float | Sequence[float] | None = None, bank_size: int | None = None,
                  generators: int | None = None, families: Sequence[str] | None = None,
                  bank_batch: int | None = None, adversarial: bool | None = None, relabel: str | None = None,
-                 decoy_classes: int | None = None, refresh_rounds: int | None = None,
+                 decoy_classes: int | None = None, anchors: bool | None = None, refresh_rounds: int | None = None,
                  refresh_budget: int | None = None, refresh_sample: int | None = None,
                  member_settings: Sequence[dict] | None = None, batch_size: int | None = None) -> None:
     """Validate the spec settings without training (the decoy settings with a placeholder derangement)."""
@@ -177,7 +183,7 @@ def check_params(*, members: Sequence[str] | None = None, epochs: int | None = N
                 raise MisleaderError("decoy_classes goes with relabel collapse")
             d = {"perm": [1, 0], "mu": 1.0 if m is None else m, **({"relabel": relabel} if relabel else {})}
         for key, value in (("bank_size", bank_size), ("generators", generators), ("bank_batch", bank_batch),
-                           ("families", families), ("adversarial", adversarial)):
+                           ("families", families), ("adversarial", adversarial), ("anchors", anchors)):
             if value is not None:
                 d[key] = value
         DecoyConfig.from_dict(d)
